@@ -1,0 +1,130 @@
+"""The `xctsam` command line: one Typer app with a sub-app per noun.
+
+Errors a user can fix (XctsamError) print one line to stderr and exit with code 2; `--debug`
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.console import Console
+
+from xctsam.errors import XctsamError
+
+app = typer.Typer(help="xctsam: SAM with Conv-LoRA for industrial XCT segmentation.", no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Make, import and inspect XCT volumes.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+_state = {"debug": False}
+_err = Console(stderr=True)
+
+ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read.")]
+SeedOption = Annotated[Optional[int], typer.Option(help="Override params `seed`.")]
+SplitsOption = Annotated[Optional[list[str]], typer.Option("--split", "-s", help="Only this split (repeatable); default all.")]
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+    _state["debug"] = debug
+
+
+# ---------------------------------------------------------------- data
+@data_app.command("phantoms")
+def data_phantoms(
+    params: ParamsOption = Path("params.yaml"),
+    out: Annotated[Path, typer.Option(help="Folder for the label volumes, one subfolder per split.")] = Path("data/phantoms"),
+    seed: SeedOption = None,
+    split: SplitsOption = None,
+) -> None:
+    """Generate the 3-D label phantoms (coupons with pores and inclusions) of every split."""
+    from xctsam.config import load_params
+    from xctsam.data.splits import make_phantoms
+
+    config = load_params(params)
+    for path in make_phantoms(config, out, seed=seed, splits=split):
+        print(path)
+
+
+@data_app.command("simulate")
+def data_simulate(
+    params: ParamsOption = Path("params.yaml"),
+    phantoms: Annotated[Path, typer.Option(help="Folder written by `xctsam data phantoms`.")] = Path("data/phantoms"),
+    root: Annotated[Path, typer.Option(help="Data root: writes real/<split> and synthetic/<split>.")] = Path("data"),
+    seed: SeedOption = None,
+    split: SplitsOption = None,
+) -> None:
+    """Render each split: idealised (synthetic, domain A) or physics XCT at its scanner setting (real)."""
+    from xctsam.config import load_params
+    from xctsam.data.splits import simulate_splits
+
+    config = load_params(params)
+    for path in simulate_splits(config, phantoms, root, seed=seed, splits=split):
+        print(path)
+
+
+@data_app.command("import")
+def data_import(
+    source: Annotated[Path, typer.Argument(help="A SAM-Material-GAN folder, TIFF folder, multi-page TIFF, HDF5 or NPY file.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="samgan | tiff-dir | tiff | hdf5 | npy")] = "samgan",
+    root: Annotated[Path, typer.Option(help="Data root: samgan writes synthetic/Tr-GAN and real/Te-N here.")] = Path("data"),
+    split: Annotated[Optional[str], typer.Option(help="Split folder for a single volume, e.g. real/Te-1 (not samgan).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Volume name (default: the source's stem).")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="Labels for a single volume, in the same format (values 0..3).")] = None,
+    dataset: Annotated[str, typer.Option(help="HDF5 dataset path of the image.")] = "image",
+    label_dataset: Annotated[str, typer.Option(help="HDF5 dataset path of the labels.")] = "labels",
+    voxel_size_mm: Annotated[Optional[float], typer.Option(help="Voxel size to record, mm.")] = None,
+) -> None:
+    """Import real scans into the volume store (one HDF5 per scan, a manifest per split)."""
+    from xctsam.data import importers
+
+    if format == "samgan":
+        written = importers.import_samgan(source, root)
+    else:
+        if split is None:
+            raise typer.BadParameter("give --split (e.g. real/Te-1) for a single-volume import", param_hint="--split")
+        written = [
+            importers.import_volume(
+                source, format, root / split, name=name, labels=labels, dataset=dataset,
+                label_dataset=label_dataset, voxel_size_mm=voxel_size_mm,
+            )
+        ]
+    for path in written:
+        print(path)
+
+
+@data_app.command("info")
+def data_info(paths: Annotated[list[Path], typer.Argument(help="Volume files (.h5) or split folders.")]) -> None:
+    """Show shape, labels and class fractions of volumes."""
+    from xctsam.data.volumes import describe_volumes
+
+    _err.print(describe_volumes(paths))
+
+
+# ---------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the exit code (also used by tests)."""
+    try:
+        app(args=argv, prog_name="xctsam", standalone_mode=False)
+    except XctsamError as exc:
+        if _state["debug"]:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("interrupted; finished outputs are kept, run again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

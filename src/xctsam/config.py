@@ -1,0 +1,215 @@
+"""params.yaml -> typed, validated configuration; the only module that reads params.yaml.
+
+Every model forbids unknown keys, so a typo in params.yaml is refused with its dotted key path
+instead of being silently ignored. Stage code receives these objects, never raw dicts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from xctsam.data.materials import MATERIALS
+from xctsam.errors import ConfigError, InputError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- phantoms
+class LogNormalSize(StrictModel):
+    """Radii in voxels: log-normal with this median and log-space standard deviation."""
+
+    median: PositiveFloat
+    sigma: NonNegativeFloat = 0.3
+
+
+class DefectPopulation(StrictModel):
+    """One kind of defect; `fraction` is its target share of the specimen's volume."""
+
+    fraction: Fraction = 0.0
+    radius: LogNormalSize = LogNormalSize(median=1.5)
+
+
+class LackOfFusionPopulation(DefectPopulation):
+    """Flat, irregular voids lying in the build (z) layers."""
+
+    thickness: PositiveFloat = 1.0  # voxels across the layer
+    irregularity: Fraction = 0.5  # 0: smooth ellipse, 1: ragged outline
+
+
+class KeyholePopulation(DefectPopulation):
+    """Near-spherical voids elongated along the build direction (z)."""
+
+    elongation: Annotated[float, Field(ge=1)] = 1.8
+
+
+class DefectRecipe(StrictModel):
+    gas_pore: DefectPopulation = DefectPopulation()
+    lack_of_fusion: LackOfFusionPopulation = LackOfFusionPopulation()
+    keyhole: KeyholePopulation = KeyholePopulation()
+    inclusion: DefectPopulation = DefectPopulation()
+
+    @property
+    def pore_fraction(self) -> float:
+        return self.gas_pore.fraction + self.lack_of_fusion.fraction + self.keyhole.fraction
+
+
+class PhantomGeometry(StrictModel):
+    """The coupon: a cylinder (axis z) holding CAD-like blocks, bars and rods with air between."""
+
+    shape: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=16)], Annotated[int, Field(ge=16)]]
+    specimen_radius: Annotated[float, Field(gt=0, le=1)] = 0.92  # of the in-plane half-width
+    features: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (4, 9)
+    feature_size: tuple[Fraction, Fraction] = (0.12, 0.4)  # of the specimen radius
+
+    @model_validator(mode="after")
+    def _ordered_ranges(self) -> PhantomGeometry:
+        if self.shape[1] != self.shape[2]:
+            raise ValueError("shape: slices must be square (Y == X) for the tomography")
+        if self.features[0] > self.features[1]:
+            raise ValueError("features: min greater than max")
+        if self.feature_size[0] > self.feature_size[1]:
+            raise ValueError("feature_size: min greater than max")
+        return self
+
+
+# ---------------------------------------------------------------- scanners
+class Filtration(StrictModel):
+    material: str = "Cu"
+    thickness_mm: NonNegativeFloat = 0.5
+
+
+class Scanner(StrictModel):
+    """One scanner setting: source, detector and acquisition of a parallel-beam XCT scan."""
+
+    kvp: Annotated[float, Field(ge=20, le=600)]
+    filter: Filtration = Filtration()
+    photons: PositiveFloat = 2.0e4  # unattenuated counts per detector pixel and view
+    views: Annotated[int, Field(ge=8)] = 180
+    detector_blur: NonNegativeFloat = 0.6  # Gaussian sigma, detector pixels
+    ring_gain_std: NonNegativeFloat = 0.0  # relative per-pixel gain error -> rings
+    energy_step_kev: PositiveFloat = 2.0
+    geometry: Literal["parallel"] = "parallel"
+
+
+class IdealRender(StrictModel):
+    """Domain A: monochromatic, noise-free, sharp attenuation map of the labels."""
+
+    energy_kev: PositiveFloat = 80.0
+
+
+# ---------------------------------------------------------------- splits
+class SplitRecipe(StrictModel):
+    """How one split is made.
+
+    kind `synthetic`: the idealised render (domain A), stored under data/synthetic/<split>.
+    kind `real`: physics-simulated experimental scans standing in for real ones, stored under
+    data/real/<split>, where imported real scans go too.
+    """
+
+    kind: Literal["synthetic", "real"]
+    labelled: bool = True
+    volumes: Annotated[int, Field(ge=1)] = 1
+    recipe: str
+    alloy: str
+    inclusion_material: str = "Ni"
+    scanner: str | None = None
+
+    @model_validator(mode="after")
+    def _scanner_matches_kind(self) -> SplitRecipe:
+        if self.kind == "real" and self.scanner is None:
+            raise ValueError("a real (scanned) split needs a scanner")
+        if self.kind == "synthetic" and self.scanner is not None:
+            raise ValueError("a synthetic split is rendered without a scanner; remove scanner")
+        if self.kind == "synthetic" and not self.labelled:
+            raise ValueError("a synthetic split is labelled by construction; remove labelled")
+        return self
+
+
+class ImportSpec(StrictModel):
+    source: Path
+    format: Literal["samgan", "tiff-dir", "tiff", "hdf5", "npy"] = "samgan"
+
+
+class DataConfig(StrictModel):
+    voxel_size_mm: PositiveFloat = 0.025
+    phantom: PhantomGeometry
+    render: IdealRender = IdealRender()
+    recipes: dict[str, DefectRecipe]
+    scanners: dict[str, Scanner]
+    splits: dict[str, SplitRecipe]
+    imports: dict[str, ImportSpec] = {}
+
+
+class Params(StrictModel):
+    seed: int = 0
+    data: DataConfig
+
+
+# ---------------------------------------------------------------- loading
+def _cross_references(params: Params) -> list[tuple[str, str]]:
+    """Names a split refers to must be defined; returns (dotted key, problem) pairs."""
+    problems: list[tuple[str, str]] = []
+    data = params.data
+    for name, split in data.splits.items():
+        key = f"data.splits.{name}"
+        if split.recipe not in data.recipes:
+            problems.append((f"{key}.recipe", f"unknown recipe '{split.recipe}' (defined: {', '.join(data.recipes)})"))
+        for field in ("alloy", "inclusion_material"):
+            value = getattr(split, field)
+            if value not in MATERIALS:
+                problems.append((f"{key}.{field}", f"unknown material '{value}' (known: {', '.join(MATERIALS)})"))
+        if split.scanner is not None and split.scanner not in data.scanners:
+            problems.append((f"{key}.scanner", f"unknown scanner '{split.scanner}' (defined: {', '.join(data.scanners)})"))
+    for name, scanner in data.scanners.items():
+        if scanner.filter.material not in MATERIALS:
+            problems.append((f"data.scanners.{name}.filter.material", f"unknown material '{scanner.filter.material}'"))
+    return problems
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def parse_params(raw: object, source: Path | str = DEFAULT_PARAMS) -> Params:
+    """Validate a parsed params mapping; the first problem becomes a ConfigError."""
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        # pydantic puts model-level validator errors at the model's own location
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown key; check its spelling against params.yaml's documented keys"
+        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+        raise ConfigError(source, _dotted(first["loc"]) or "<top>", message + more) from None
+    problems = _cross_references(params)
+    if problems:
+        key, problem = problems[0]
+        raise ConfigError(source, key, problem)
+    return params
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "params file not found", "run from the project root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise InputError(path, f"not valid YAML{where}", "fix the syntax") from None
+    return parse_params(raw, path)

@@ -1,0 +1,1 @@
+"""XCT data engine: phantoms, physics-based simulation, volume store, import, splits."""
