@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,3 +47,31 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """`path` and its ancestors that do not exist yet, deepest first."""
+    return [folder for folder in (path, *path.parents) if not folder.exists()]
+
+
+@contextmanager
+def remove_created_dirs_on_failure(targets: Iterable[Path]) -> Iterator[None]:
+    """On failure, remove the (still empty) folders created inside this block.
+
+    atomic_path / atomic_dir create missing parents up front; without this a failed stage
+    would leave empty folders (e.g. `real/`) behind.
+    """
+    created = sorted(
+        {folder for target in targets for folder in _missing_dirs(Path(target))},
+        key=lambda p: len(p.parts),
+        reverse=True,
+    )
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (someone else wrote there) or already gone: leave it
+                pass
+        raise

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import click
 import typer
@@ -24,8 +24,8 @@ _state = {"debug": False}
 _err = Console(stderr=True)
 
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read.")]
-SeedOption = Annotated[Optional[int], typer.Option(help="Override params `seed`.")]
-SplitsOption = Annotated[Optional[list[str]], typer.Option("--split", "-s", help="Only this split (repeatable); default all.")]
+SeedOption = Annotated[int | None, typer.Option(help="Override params `seed`.")]
+SplitsOption = Annotated[list[str] | None, typer.Option("--split", "-s", help="Only this split (repeatable); default all.")]
 
 
 @app.callback()
@@ -72,12 +72,12 @@ def data_import(
     source: Annotated[Path, typer.Argument(help="A SAM-Material-GAN folder, TIFF folder, multi-page TIFF, HDF5 or NPY file.")],
     format: Annotated[str, typer.Option("--format", "-f", help="samgan | tiff-dir | tiff | hdf5 | npy")] = "samgan",
     root: Annotated[Path, typer.Option(help="Data root: samgan writes synthetic/Tr-GAN and real/Te-N here.")] = Path("data"),
-    split: Annotated[Optional[str], typer.Option(help="Split folder for a single volume, e.g. real/Te-1 (not samgan).")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Volume name (default: the source's stem).")] = None,
-    labels: Annotated[Optional[Path], typer.Option(help="Labels for a single volume, in the same format (values 0..3).")] = None,
+    split: Annotated[str | None, typer.Option(help="Split folder for a single volume, e.g. real/Te-1 (not samgan).")] = None,
+    name: Annotated[str | None, typer.Option(help="Volume name (default: the source's stem).")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Labels for a single volume, in the same format (values 0..3).")] = None,
     dataset: Annotated[str, typer.Option(help="HDF5 dataset path of the image.")] = "image",
     label_dataset: Annotated[str, typer.Option(help="HDF5 dataset path of the labels.")] = "labels",
-    voxel_size_mm: Annotated[Optional[float], typer.Option(help="Voxel size to record, mm.")] = None,
+    voxel_size_mm: Annotated[float | None, typer.Option(help="Voxel size to record, mm.")] = None,
 ) -> None:
     """Import real scans into the volume store (one HDF5 per scan, a manifest per split)."""
     from xctsam.data import importers

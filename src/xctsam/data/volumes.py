@@ -113,9 +113,21 @@ class VolumeWriter:
             self._file.attrs[key] = _encode_attr(value)
         return self
 
-    def write(self, z0: int, image: np.ndarray, labels: np.ndarray | None = None, *, source: Path | str | None = None) -> None:
-        """Write slices z0.. from a (k, Y, X) slab (a single (Y, X) slice is accepted)."""
+    def write(
+        self,
+        z0: int,
+        image: np.ndarray,
+        labels: np.ndarray | None = None,
+        *,
+        source: Path | str | None = None,
+        label_source: Path | str | None = None,
+    ) -> None:
+        """Write slices z0.. from a (k, Y, X) slab (a single (Y, X) slice is accepted).
+
+        `source` / `label_source` name the input files in error messages.
+        """
         where = source or self.path
+        label_where = label_source or where
         image = check_image(image, where)
         image = image[None] if image.ndim == 2 else image
         if image.shape[1:] != self.shape[1:]:
@@ -127,11 +139,16 @@ class VolumeWriter:
         if self.labelled:
             if labels is None:
                 raise ValueError("labelled volume written without labels")
-            labels = check_labels(labels, where)
+            labels = check_labels(labels, label_where)
             labels = labels[None] if labels.ndim == 2 else labels
-            check_same_shape(image.shape, labels.shape, where)
+            check_same_shape(image.shape, labels.shape, label_where)
             self._labels[z0:z1] = labels
         self._written[z0:z1] = True
+
+    def set_attrs(self, **attrs: Any) -> None:
+        """Add metadata known only after writing (e.g. counts over all slices)."""
+        for key, value in attrs.items():
+            self._file.attrs[key] = _encode_attr(value)
 
     def __exit__(self, exc_type, exc, tb) -> bool | None:
         if exc_type is None and not self._written.all():
@@ -169,7 +186,7 @@ class Volume:
             self.close()
             raise InputError(self.path, f"no 3-D '{IMAGE}' dataset", "volumes need image (Z, Y, X)")
         self._image = self._file[IMAGE]
-        self._labels = self._file[LABELS] if LABELS in self._file else None
+        self._labels = self._file.get(LABELS, None)
         if self._labels is not None and self._labels.shape != self._image.shape:
             self.close()
             raise InputError(self.path, f"labels shape {self._labels.shape} differs from image shape {self._image.shape}")
@@ -219,7 +236,8 @@ def label_counts(path: Path | str, slab: int = 32) -> np.ndarray:
     """Voxel count per class over a whole volume, streamed slab by slab."""
     counts = np.zeros(NUM_CLASSES, dtype=np.int64)
     with Volume(path) as volume:
-        for _, _, labels in volume.iter_slabs(slab):
+        for z0 in range(0, volume.n_slices, slab):
+            labels = volume.labels(z0, z0 + slab)
             counts += np.bincount(labels.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
     return counts
 
@@ -238,7 +256,7 @@ def write_manifest(split_dir: Path, split: str, extra: Mapping[str, Any] | None 
             entry: dict[str, Any] = {"file": path.name, "shape": list(volume.shape), "labelled": volume.has_labels}
         if entry["labelled"]:
             counts = label_counts(path)
-            entry["class_fractions"] = {name: float(c) / float(counts.sum()) for name, c in zip(CLASS_NAMES, counts)}
+            entry["class_fractions"] = {name: float(c) / float(counts.sum()) for name, c in zip(CLASS_NAMES, counts, strict=False)}
         entries.append(entry)
     manifest = {"split": split, "volumes": entries, **dict(extra or {})}
     write_text_atomic(split_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
