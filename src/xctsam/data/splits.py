@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,12 +100,24 @@ def split_folder(root: Path, name: str, split: SplitRecipe) -> Path:
     return Path(root) / split.kind / name
 
 
+Imager = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+def _imager(params: Params, split: SplitRecipe, size: int) -> Imager:
+    """The idealised render for synthetic splits, the physics scanner for real ones."""
+    from xctsam.data.physics import XctScanner, render_ideal
+
+    if split.kind == "synthetic":
+        return lambda labels, _rng: render_ideal(labels, params.data.render, split.alloy, split.inclusion_material)
+    assert split.scanner is not None  # config guarantees it for real splits
+    scanner = XctScanner(params.data.scanners[split.scanner], split.alloy, split.inclusion_material, params.data.voxel_size_mm, size)
+    return scanner.scan
+
+
 def simulate_splits(
     params: Params, phantoms: Path, root: Path, *, seed: int | None = None, splits: Iterable[str] | None = None
 ) -> Iterator[Path]:
     """Render (synthetic) or scan (real) every phantom of each split into data/<kind>/<split>/."""
-    from xctsam.data.physics import XctScanner, render_ideal
-
     seed = params.seed if seed is None else seed
     data = params.data
     for name, split in _selected(params, splits).items():
@@ -114,8 +126,8 @@ def simulate_splits(
         target_dir = split_folder(root, name, split)
         scanner_settings = data.scanners[split.scanner].model_dump() if split.scanner else None
         setting = {"render": data.render.model_dump()} if split.kind == "synthetic" else {"scanner": scanner_settings}
-        scanner = None
         targets: set[Path] = set()
+        imager = None  # built on first need: the projector build is skipped when all volumes are current
         for index, source in enumerate(track(sources, f"{split.kind} {name}", total=len(sources))):
             target = target_dir / source.name
             targets.add(target)
@@ -124,8 +136,7 @@ def simulate_splits(
                 if _is_current(target, stamp):
                     yield target
                     continue
-                if split.kind == "real" and scanner is None:
-                    scanner = XctScanner(data.scanners[split.scanner], split.alloy, split.inclusion_material, data.voxel_size_mm, phantom.shape[-1])
+                imager = imager or _imager(params, split, phantom.shape[-1])
                 rng = volume_rng(seed, name, index, "scan")
                 attrs = {
                     "kind": split.kind, "split": name, "material": split.alloy, "inclusion_material": split.inclusion_material,
@@ -136,7 +147,7 @@ def simulate_splits(
                 with VolumeWriter(target, phantom.shape, labelled=split.labelled, attrs=attrs) as out:
                     for z0, _, labels in phantom.iter_slabs(SLAB):
                         assert labels is not None  # phantoms are labelled by construction
-                        image = render_ideal(labels, data.render, split.alloy, split.inclusion_material) if scanner is None else scanner.scan(labels, rng)
+                        image = imager(labels, rng)
                         out.write(z0, image, labels if split.labelled else None)
             yield target
         _prune(target_dir, targets)
