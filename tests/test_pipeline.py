@@ -117,10 +117,25 @@ def test_dvc_repro_twice_second_does_nothing(tmp_path: Path, tiny_params: dict) 
 
     run("git", "init", "-q")
     run(*dvc, "init", "-q")
+    shutil.copy(REPO / ".dvc" / "config", work / ".dvc" / "config")  # the project's default remote
     run(*dvc, "repro")
-    assert (work / "data" / "real" / "Te-3" / "Te-3_000.h5").is_file()
+    scan = work / "data" / "real" / "Te-3" / "Te-3_000.h5"
+    assert scan.is_file()
     assert "up to date" in run(*dvc, "repro")
     lock = (work / "dvc.lock").read_text()
     assert "simulate@Te-3" in lock and "data.splits.Te-3" in lock
-    status = json.loads(run(*dvc, "status", "--json") or "{}")
-    assert status == {}
+    assert json.loads(run(*dvc, "status", "--json") or "{}") == {}
+
+    # the default remote works out of the box: push, lose data and cache, pull it back
+    original = scan.read_bytes()
+    run(*dvc, "push")
+    shutil.rmtree(work / "data")
+    shutil.rmtree(work / ".dvc" / "cache")
+    run(*dvc, "pull")
+    assert scan.read_bytes() == original
+
+    # naming a real dataset in params adds its import stage; no dataset, no stage
+    assert "import@" not in run(*dvc, "stage", "list")
+    tiny_params["data"]["imports"] = {"scans": {"source": str(tmp_path / "scans"), "format": "samgan"}}
+    write_params(work / "params.yaml", tiny_params)
+    assert "import@scans" in run(*dvc, "stage", "list")
