@@ -152,9 +152,81 @@ class DataConfig(StrictModel):
     imports: dict[str, ImportSpec] = {}
 
 
+# ---------------------------------------------------------------- CycleGAN
+class GeneratorConfig(StrictModel):
+    filters: Annotated[int, Field(ge=4)] = 32  # ngf: channels of the first convolution
+    blocks: Annotated[int, Field(ge=1)] = 6  # ResNet blocks at the bottleneck
+
+
+class DiscriminatorConfig(StrictModel):
+    filters: Annotated[int, Field(ge=4)] = 32  # ndf
+    layers: Annotated[int, Field(ge=1)] = 3  # strided layers of the PatchGAN
+
+
+class GanConfig(StrictModel):
+    """Unpaired translation domain A (idealised render) <-> domain B (experimental scans)."""
+
+    domain_a: str = "synthetic/Tr-sim"  # split folders under the data root
+    domain_b: str = "real/Tr-real"
+    output: str = "synthetic/Tr-GAN"  # where `gan synthesize` writes the translated split
+    tile: Annotated[int, Field(ge=16)] = 64
+    batch: Annotated[int, Field(ge=1)] = 4
+    steps: Annotated[int, Field(ge=1)] = 1000
+    decay_start: Annotated[int, Field(ge=0)] = 500  # LR held until here, then linear to 0
+    lr: PositiveFloat = 2e-4
+    beta1: Fraction = 0.5
+    generator: GeneratorConfig = GeneratorConfig()
+    discriminator: DiscriminatorConfig = DiscriminatorConfig()
+    lambda_cycle: NonNegativeFloat = 10.0
+    lambda_identity: NonNegativeFloat = 0.5  # times lambda_cycle, as in the reference code
+    pool_size: Annotated[int, Field(ge=0)] = 50
+    checkpoint_every: Annotated[int, Field(ge=1)] = 100
+    sample_every: Annotated[int, Field(ge=1)] = 250
+    log_every: Annotated[int, Field(ge=1)] = 10
+
+    @model_validator(mode="after")
+    def _decay_within_steps(self) -> GanConfig:
+        if self.decay_start > self.steps:
+            raise ValueError("decay_start: must not exceed steps")
+        return self
+
+
+# ---------------------------------------------------------------- SAM
+class SmallSamConfig(StrictModel):
+    """The CPU-sized SAM image encoder (no official checkpoint exists for it)."""
+
+    embed_dim: Annotated[int, Field(ge=16)] = 192
+    depth: Annotated[int, Field(ge=1)] = 4
+    num_heads: Annotated[int, Field(ge=1)] = 4
+    global_attn_indexes: tuple[int, ...] = (1, 3)
+    window_size: Annotated[int, Field(ge=0)] = 8
+
+
+class SamConfig(StrictModel):
+    variant: Literal["small", "vit_b", "vit_l", "vit_h"] = "small"
+    checkpoint: Path | None = None  # official file, e.g. models/sam_vit_b_01ec64.pth
+    image_size: Literal[256, 512, 1024] = 256
+    small: SmallSamConfig = SmallSamConfig()
+
+
+# ---------------------------------------------------------------- FID
+class FidConfig(StrictModel):
+    """Frechet distance of each test split (and named pairs) to the training set."""
+
+    backbone: Literal["inception", "sam"] = "inception"
+    reference: str = "synthetic/Tr-GAN"  # the training set, a split folder under the data root
+    splits: list[str] = [f"real/Te-{i}" for i in range(1, 7)]
+    pairs: dict[str, tuple[str, str]] = {}  # name -> (split folder, split folder)
+    samples: Annotated[int, Field(ge=2)] = 200  # slices per split, the same ones every run
+    batch: Annotated[int, Field(ge=1)] = 25
+
+
 class Params(StrictModel):
     seed: int = 0
     data: DataConfig
+    gan: GanConfig = GanConfig()
+    sam: SamConfig = SamConfig()
+    fid: FidConfig = FidConfig()
 
 
 # ---------------------------------------------------------------- loading
