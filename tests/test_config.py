@@ -38,6 +38,20 @@ def test_bad_key_is_named(default_params: dict, mutate, key: str) -> None:
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("small", "message"),
+    [
+        ({"embed_dim": 192, "num_heads": 5}, "num_heads: 5 does not divide embed_dim 192"),
+        ({"depth": 4, "global_attn_indexes": [1, 4]}, "global_attn_indexes: [4] outside blocks 0..3"),
+    ],
+)
+def test_unbuildable_small_sam_refused(default_params: dict, small: dict, message: str) -> None:
+    default_params["sam"]["small"].update(small)
+    with pytest.raises(ConfigError) as caught:
+        parse_params(default_params)
+    assert caught.value.key == "sam.small" and message in str(caught.value)
+
+
 def test_synthetic_split_refuses_a_scanner(default_params: dict) -> None:
     default_params["data"]["splits"]["Tr-sim"]["scanner"] = "lab"
     with pytest.raises(ConfigError, match="data.splits.Tr-sim: a synthetic split is rendered without a scanner"):

@@ -201,6 +201,16 @@ class SmallSamConfig(StrictModel):
     global_attn_indexes: tuple[int, ...] = (1, 3)
     window_size: Annotated[int, Field(ge=0)] = 8
 
+    @model_validator(mode="after")
+    def _buildable(self) -> SmallSamConfig:
+        # both would build and then fail at the first forward pass
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"num_heads: {self.num_heads} does not divide embed_dim {self.embed_dim}")
+        outside = [i for i in self.global_attn_indexes if not 0 <= i < self.depth]
+        if outside:
+            raise ValueError(f"global_attn_indexes: {outside} outside blocks 0..{self.depth - 1}")
+        return self
+
 
 class SamConfig(StrictModel):
     variant: Literal["small", "vit_b", "vit_l", "vit_h"] = "small"
