@@ -18,13 +18,18 @@ from xctsam.errors import XctsamError
 
 app = typer.Typer(help="xctsam: SAM with Conv-LoRA for industrial XCT segmentation.", no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Make, import and inspect XCT volumes.", no_args_is_help=True)
+gan_app = typer.Typer(help="CycleGAN: idealised render -> experimental-looking XCT.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluate: FID of splits, (later) segmentation metrics.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(gan_app, name="gan")
+app.add_typer(eval_app, name="eval")
 
 _state = {"debug": False}
 _err = Console(stderr=True)
 
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read.")]
 SeedOption = Annotated[int | None, typer.Option(help="Override params `seed`.")]
+DataRootOption = Annotated[Path, typer.Option("--root", help="Data root holding real/ and synthetic/.")]
 SplitsOption = Annotated[list[str] | None, typer.Option("--split", "-s", help="Only this split (repeatable); default all.")]
 
 
@@ -103,6 +108,60 @@ def data_info(paths: Annotated[list[Path], typer.Argument(help="Volume files (.h
     from xctsam.data.volumes import describe_volumes
 
     _err.print(describe_volumes(paths))
+
+
+# ---------------------------------------------------------------- gan
+@gan_app.command("train")
+def gan_train(
+    params: ParamsOption = Path("params.yaml"),
+    root: DataRootOption = Path("data"),
+    out: Annotated[Path, typer.Option(help="Folder for checkpoints, the final generator and samples.")] = Path("models/gan"),
+    seed: SeedOption = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore an existing checkpoint and start over.")] = False,
+) -> None:
+    """Train the CycleGAN on tiles of gan.domain_a and gan.domain_b; resumes from its last checkpoint."""
+    from xctsam.config import load_params
+    from xctsam.gan.train import train_gan
+
+    config = _with_seed(load_params(params), seed)
+    result = train_gan(config, root, out, resume=not fresh)
+    print(result)
+
+
+@gan_app.command("synthesize")
+def gan_synthesize(
+    params: ParamsOption = Path("params.yaml"),
+    root: DataRootOption = Path("data"),
+    generator: Annotated[Path, typer.Option(help="Generator written by `xctsam gan train`.")] = Path("models/gan/generator_a2b.pt"),
+) -> None:
+    """Translate every labelled gan.domain_a volume into gan.output (labels unchanged)."""
+    from xctsam.config import load_params
+    from xctsam.gan.synthesize import synthesize
+
+    for path in synthesize(load_params(params), root, generator):
+        print(path)
+
+
+# ---------------------------------------------------------------- eval
+@eval_app.command("fid")
+def eval_fid(
+    params: ParamsOption = Path("params.yaml"),
+    root: DataRootOption = Path("data"),
+    out: Annotated[Path, typer.Option(help="Metrics file (JSON).")] = Path("metrics/fid.json"),
+    seed: SeedOption = None,
+) -> None:
+    """FID of each test split (and each fid.pairs entry) against the training set."""
+    import json
+
+    from xctsam.config import load_params
+    from xctsam.eval.fid import compute_fid
+
+    result = compute_fid(_with_seed(load_params(params), seed), root, out)
+    print(json.dumps(result, indent=2))
+
+
+def _with_seed(config, seed: int | None):
+    return config if seed is None else config.model_copy(update={"seed": seed})
 
 
 # ---------------------------------------------------------------- entry point

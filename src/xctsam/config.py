@@ -229,6 +229,15 @@ class FidConfig(StrictModel):
     pairs: dict[str, tuple[str, str]] = {}  # name -> (split folder, split folder)
     samples: Annotated[int, Field(ge=2)] = 200  # slices per split, the same ones every run
     batch: Annotated[int, Field(ge=1)] = 25
+    # grey values mapped to [0, 1] for every split; null: robust window of the reference split.
+    # Imported 8-bit scans compare best on their full range, [0, 255].
+    window: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _window_increasing(self) -> FidConfig:
+        if self.window is not None and not self.window[1] > self.window[0]:
+            raise ValueError("window: high must exceed low")
+        return self
 
 
 class Params(StrictModel):
