@@ -212,11 +212,85 @@ class SmallSamConfig(StrictModel):
         return self
 
 
+class ConvLoraConfig(StrictModel):
+    """Conv-LoRA on every image-encoder block's fused qkv projection."""
+
+    rank: Annotated[int, Field(ge=1)] = 4
+    alpha: PositiveFloat = 4.0  # LoRA scale is alpha / rank
+    experts: Annotated[int, Field(ge=1)] = 4  # expert i works at scale i (resize up by i)
+    top_k: Annotated[int, Field(ge=1)] = 1
+    gate_noise: NonNegativeFloat = 1.0  # noisy top-k gating during training
+    balance_weight: NonNegativeFloat = 0.01  # weight of the load-balancing loss
+    gate_scales_output: bool = True  # the gate value scales the chosen expert, so the task trains the gate too
+
+    @model_validator(mode="after")
+    def _top_k_within_experts(self) -> ConvLoraConfig:
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k: {self.top_k} exceeds experts {self.experts}")
+        return self
+
+
 class SamConfig(StrictModel):
     variant: Literal["small", "vit_b", "vit_l", "vit_h"] = "small"
     checkpoint: Path | None = None  # official file, e.g. models/sam_vit_b_01ec64.pth
     image_size: Literal[256, 512, 1024] = 256
     small: SmallSamConfig = SmallSamConfig()
+    lora: ConvLoraConfig = ConvLoraConfig()
+    # multiclass: one prompt-free decoder with a mask per class (softmax);
+    # per_class: the study's layout, one binary model per class, painted material -> pore -> inclusion
+    layout: Literal["multiclass", "per_class"] = "multiclass"
+
+
+# ---------------------------------------------------------------- 2.5D U-Net
+class UNetConfig(StrictModel):
+    context: Annotated[int, Field(ge=1)] = 5  # adjacent slices as input channels (odd; edges reflected)
+    filters: Annotated[int, Field(ge=4)] = 16  # channels at the first level, doubled per level
+    depth: Annotated[int, Field(ge=2, le=6)] = 4  # resolution levels
+
+    @model_validator(mode="after")
+    def _odd_context(self) -> UNetConfig:
+        if self.context % 2 == 0:
+            raise ValueError(f"context: {self.context} must be odd (centre slice plus equal neighbours)")
+        return self
+
+
+# ---------------------------------------------------------------- training
+class TrainConfig(StrictModel):
+    """One training loop for every model; one instance per model under `train:`."""
+
+    splits: list[str] = ["synthetic/Tr-GAN"]  # labelled split folders under the data root
+    val_volumes: Annotated[int, Field(ge=1)] = 1  # last volumes of the training splits held out for validation
+    tile: Annotated[int, Field(ge=16)] = 128  # native-resolution random crops
+    batch: Annotated[int, Field(ge=1)] = 4
+    steps: Annotated[int, Field(ge=1)] = 1000
+    epoch_steps: Annotated[int, Field(ge=1)] = 100  # validation, best checkpoint, early stopping per epoch
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 1e-4
+    warmup_steps: Annotated[int, Field(ge=0)] = 50
+    schedule: Literal["cosine", "poly"] = "cosine"
+    grad_clip: PositiveFloat = 1.0
+    class_weights: tuple[PositiveFloat, PositiveFloat, PositiveFloat, PositiveFloat] = (1.0, 1.0, 3.0, 3.0)
+    dice_weight: NonNegativeFloat = 1.0  # loss = CE + dice_weight * Dice
+    oversample: Fraction = 0.5  # share of tiles drawn to contain a pore or inclusion
+    patience: Annotated[int, Field(ge=1)] = 5  # epochs without validation mIoU gain before stopping
+    checkpoint_every: Annotated[int, Field(ge=1)] = 100
+    val_slices: Annotated[int, Field(ge=1)] = 16  # validation slices (seeded), scored whole
+
+
+class TrainSection(StrictModel):
+    sam: TrainConfig = TrainConfig(lr=3e-4)
+    unet: TrainConfig = TrainConfig()
+
+
+# ---------------------------------------------------------------- inference and evaluation
+class PredictConfig(StrictModel):
+    tile: Annotated[int, Field(ge=16)] = 128
+    overlap: Annotated[float, Field(ge=0, lt=1)] = 0.25  # of the tile, blended with a Gaussian window
+    batch: Annotated[int, Field(ge=1)] = 8
+
+
+class EvalConfig(StrictModel):
+    splits: list[str] = [f"real/Te-{i}" for i in range(1, 7)]
 
 
 # ---------------------------------------------------------------- FID
@@ -245,6 +319,10 @@ class Params(StrictModel):
     data: DataConfig
     gan: GanConfig = GanConfig()
     sam: SamConfig = SamConfig()
+    unet: UNetConfig = UNetConfig()
+    train: TrainSection = TrainSection()
+    predict: PredictConfig = PredictConfig()
+    eval: EvalConfig = EvalConfig()
     fid: FidConfig = FidConfig()
 
 
