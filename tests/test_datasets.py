@@ -70,3 +70,20 @@ def test_tiles_resume_from_saved_rng_state(split: Path) -> None:
 def test_small_slices_are_padded_to_the_tile(split: Path) -> None:
     images, _ = TileSampler(split_slices([split]), IntensityWindow(0.0, 31.0), tile=32, seed=0).batch(2)
     assert images.shape == (2, 1, 32, 32)
+
+
+def test_outputs_get_ordinary_permissions(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from xctsam.atomic import atomic_dir, write_text_atomic
+
+    mask = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.json", "{}")
+        with atomic_dir(tmp_path / "split") as staged:
+            (staged / "x").write_text("x")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "split").stat().st_mode) == 0o755

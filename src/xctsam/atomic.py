@@ -10,6 +10,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: Path, final: Path, mode: int) -> None:
+    """Give the temporary file or folder the permissions a plain create would have, then rename.
+
+    mkstemp/mkdtemp create private (0600/0700) entries; outputs are meant to be shared.
+    """
+    os.chmod(tmp, mode & ~_umask())
+    os.replace(tmp, final)
+
+
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto `final` only if the block succeeds."""
@@ -20,7 +35,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        os.replace(tmp, final)
+        _publish(tmp, final, 0o666)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -39,7 +54,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         yield tmp
         if final.exists():
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        _publish(tmp, final, 0o777)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -56,6 +56,9 @@ class SliceReader:
             self._open[path] = Volume(path)
         return self._open[path]
 
+    def shape(self, path: Path) -> tuple[int, int, int]:
+        return self._volume(path).shape
+
     def image(self, ref: SliceRef) -> np.ndarray:
         return self._volume(ref.volume).image(ref.z, ref.z + 1)[0]
 

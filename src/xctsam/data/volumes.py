@@ -27,7 +27,11 @@ IMAGE = "image"
 LABELS = "labels"
 MANIFEST = "manifest.json"
 _JSON_PREFIX = "json:"
-_COMPRESSION = {"compression": "gzip", "compression_opts": 1}
+# Images: lzf decodes ~2x faster than gzip-1 (training reads 5-slice context slabs per tile;
+# measured 9.5 vs 22 ms per 5 slices of 512x512) at ~10% more disk. h5py reads it anywhere;
+# other HDF5 tools need the lzf filter plugin. Labels compress ~50x with gzip and are cheap.
+_IMAGE_COMPRESSION = {"compression": "lzf"}
+_LABEL_COMPRESSION = {"compression": "gzip", "compression_opts": 1}
 
 
 # ---------------------------------------------------------------- validation
@@ -105,9 +109,9 @@ class VolumeWriter:
         tmp = self._stack.enter_context(atomic_path(self.path))
         self._file = self._stack.enter_context(h5py.File(tmp, "w"))
         chunk = (1, *self.shape[1:])
-        self._image = self._file.create_dataset(IMAGE, shape=self.shape, dtype=np.float32, chunks=chunk, **_COMPRESSION)
+        self._image = self._file.create_dataset(IMAGE, shape=self.shape, dtype=np.float32, chunks=chunk, **_IMAGE_COMPRESSION)
         self._labels = (
-            self._file.create_dataset(LABELS, shape=self.shape, dtype=np.uint8, chunks=chunk, **_COMPRESSION) if self.labelled else None
+            self._file.create_dataset(LABELS, shape=self.shape, dtype=np.uint8, chunks=chunk, **_LABEL_COMPRESSION) if self.labelled else None
         )
         for key, value in self.attrs.items():
             self._file.attrs[key] = _encode_attr(value)
@@ -243,6 +247,11 @@ def label_counts(path: Path | str, slab: int = 32) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- manifests
+def split_name(folder: str | Path) -> str:
+    """'real/Te-1' -> 'Te-1': the key of a split in metrics files and MLflow metric names."""
+    return Path(folder).name
+
+
 def split_volumes(split_dir: Path) -> list[Path]:
     return sorted(Path(split_dir).glob("*.h5"))
 

@@ -27,6 +27,7 @@ from xctsam.atomic import write_text_atomic
 from xctsam.compat import ensure_torchvision
 from xctsam.config import Params
 from xctsam.data.datasets import IntensityWindow, SliceReader, SliceRef, sample_slices, split_slices
+from xctsam.data.volumes import split_name
 from xctsam.errors import ConfigError, InputError
 from xctsam.eval.fid_backbones import FeatureBackbone, load_backbone
 from xctsam.progress import track
@@ -97,13 +98,8 @@ class NormalisedSlices(Sequence[np.ndarray]):
 
 
 # ---------------------------------------------------------------- splits
-def split_key(folder: str) -> str:
-    """'real/Te-1' -> 'Te-1': the name used in metrics/fid.json and MLflow keys."""
-    return Path(folder).name
-
-
 def _check_names(params: Params) -> None:
-    keys = [split_key(folder) for folder in params.fid.splits]
+    keys = [split_name(folder) for folder in params.fid.splits]
     clashes = sorted({key for key in keys if keys.count(key) > 1})
     if clashes:
         raise ConfigError("params", "fid.splits", f"folders share the name(s) {clashes}; metrics are keyed by the last folder name")
@@ -179,7 +175,7 @@ def compute_fid(params: Params, data_root: Path, out: Path = DEFAULT_OUT) -> dic
     features = SplitFeatures(backbone, window, fid.samples, fid.batch, params.seed)
 
     reference_features = features(reference)
-    distances = {split_key(folder): frechet_distance(reference_features, features(folders[folder])) for folder in fid.splits}
+    distances = {split_name(folder): frechet_distance(reference_features, features(folders[folder])) for folder in fid.splits}
     pairs = {name: frechet_distance(features(folders[a]), features(folders[b])) for name, (a, b) in fid.pairs.items()}
     result = {
         "backbone": backbone.name,

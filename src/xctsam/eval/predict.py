@@ -1,0 +1,337 @@
+"""Whole-volume inference: `xctsam predict VOLUME`.
+
+A volume is segmented slice by slice while it streams from its HDF5 file, so peak memory
+depends on the slice size, the model's context and the batch, never on the number of slices:
+
+- only the `model.context` normalised slices around the current one are kept (a rolling
+  window; at the volume's ends neighbours are mirrored like numpy's 'reflect': z=-1 -> z=1);
+- each slice is cut into square tiles overlapping by `overlap` of the tile (the last tile flush
+  with the edge; slices smaller than a tile are reflect-padded), tiles of consecutive slices
+  fill batches of `batch`;
+- per-class probabilities of overlapping tiles are blended with a Gaussian importance map
+  (sigma = tile / 8, as nnU-Net) that trusts tile centres more than their borders, then
+  normalised by the summed weights and turned into labels by the model (`to_labels`).
+
+An optional `transform` (the robustness stage's noise) is applied to every normalised slice
+once, when it enters the window, so neighbouring predictions see the same noisy slice.
+
+Output (`write_prediction`): an HDF5 volume file holding `image` (the input's grey values,
+copied slice by slice) and `labels` (the prediction), readable by `xctsam.data.volumes.Volume`
+and every tool that reads volumes, with attrs naming the model; or a multi-page TIFF of the
+labels (uint8, zlib-compressed, written page by page).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+from scipy.signal.windows import gaussian
+
+from xctsam import NUM_CLASSES
+from xctsam.config import PredictConfig
+from xctsam.data.datasets import IntensityWindow
+from xctsam.data.volumes import Volume, VolumeWriter
+from xctsam.device import pick_device
+from xctsam.errors import InputError
+from xctsam.models.base import Segmenter
+from xctsam.progress import track
+
+SliceTransform = Callable[[np.ndarray], np.ndarray]
+OutputFormat = Literal["hdf5", "tiff"]
+FORMATS_BY_SUFFIX: dict[str, OutputFormat] = {".h5": "hdf5", ".hdf5": "hdf5", ".tif": "tiff", ".tiff": "tiff"}
+
+
+class SlicePrediction(NamedTuple):
+    z: int
+    labels: np.ndarray  # (Y, X) uint8
+    probabilities: np.ndarray  # (4, Y, X) float32, blended
+
+
+# ---------------------------------------------------------------- geometry
+def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
+    """Tile origins along one axis of `size` (>= tile): stride tile*(1-overlap), last flush."""
+    if size <= tile:
+        return [0]
+    stride = max(1, int(tile * (1.0 - overlap)))
+    starts = list(range(0, size - tile, stride))
+    return [*starts, size - tile]
+
+
+def gaussian_importance(tile: int, sigma_scale: float = 1 / 8) -> np.ndarray:
+    """(tile, tile) float32 weights: ~1 at the centre, 4e-4 mid-edge, 1e-7 at corners (nnU-Net).
+
+    The same for every tile size (sigma scales with it); never 0, so every pixel has weight.
+    """
+    profile = gaussian(tile, std=tile * sigma_scale, sym=True)
+    return np.outer(profile, profile).astype(np.float32)
+
+
+def _reflect_pad(image: np.ndarray, tile: int) -> np.ndarray:
+    """Pad the last two axes up to `tile` by mirroring, so small slices still fill a tile."""
+    pad_y, pad_x = max(0, tile - image.shape[-2]), max(0, tile - image.shape[-1])
+    if not pad_y and not pad_x:
+        return image
+    widths = [(0, 0)] * (image.ndim - 2) + [(0, pad_y), (0, pad_x)]
+    return np.pad(image, widths, mode="reflect" if min(image.shape[-2:]) > 1 else "edge")
+
+
+def context_indices(n_slices: int, context: int) -> np.ndarray:
+    """(n_slices, context) source slice of every input channel, mirrored at the ends.
+
+    numpy's own 'reflect' padding of the index range defines the mirroring (z=-1 -> z=1, and
+    repeatedly for contexts wider than the volume).
+    """
+    half = context // 2
+    padded = np.pad(np.arange(n_slices), half, mode="reflect" if n_slices > 1 else "edge")
+    return np.lib.stride_tricks.sliding_window_view(padded, context)
+
+
+# ---------------------------------------------------------------- streaming inputs
+class _NormalisedSlices:
+    """Normalised (and transformed) slices read on demand, only the last few kept."""
+
+    def __init__(self, volume: Volume, window: IntensityWindow, transform: SliceTransform | None, keep: int) -> None:
+        self.volume = volume
+        self.window = window
+        self.transform = transform
+        self.keep = keep
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __getitem__(self, z: int) -> np.ndarray:
+        if z in self._cache:
+            self._cache.move_to_end(z)
+            return self._cache[z]
+        unit = self.window.normalise(self.volume.image(z, z + 1)[0])
+        if self.transform is not None:
+            unit = self._transformed(unit, z)
+        self._cache[z] = unit
+        while len(self._cache) > self.keep:
+            self._cache.popitem(last=False)
+        return unit
+
+    def _transformed(self, unit: np.ndarray, z: int) -> np.ndarray:
+        out = np.asarray(self.transform(unit), dtype=np.float32)  # type: ignore[misc]
+        if out.shape != unit.shape:
+            raise ValueError(f"transform changed slice {z}'s shape {unit.shape} to {out.shape}")
+        return np.clip(out, 0.0, 1.0)  # the model contract: inputs in [0, 1]
+
+
+def _context_stacks(volume: Volume, window: IntensityWindow, context: int, transform: SliceTransform | None, progress: bool) -> Iterator[tuple[int, np.ndarray]]:
+    """(z, (context, Y, X) float32) per slice in order; context + 1 slices held at a time."""
+    indices = context_indices(volume.n_slices, context)
+    # Stacks of consecutive slices share all but one source slice; one spare entry means a
+    # slice is never read twice, including the mirrored neighbours at the ends.
+    slices = _NormalisedSlices(volume, window, transform, keep=context + 1)
+    zs: Iterable[int] = range(volume.n_slices)
+    if progress:
+        zs = track(zs, f"predict {volume.path.name}", total=volume.n_slices)
+    for z in zs:
+        yield z, np.stack([slices[int(source)] for source in indices[z]])
+
+
+# ---------------------------------------------------------------- blending
+class _SliceBlend:
+    """Weighted sums of tile probabilities over one (padded) slice, and the tiles still due."""
+
+    def __init__(self, z: int, padded_shape: tuple[int, int], shape: tuple[int, int], tiles: int, classes: int) -> None:
+        self.z = z
+        self.shape = shape
+        self.scores = np.zeros((classes, *padded_shape), dtype=np.float32)
+        self.weights = np.zeros(padded_shape, dtype=np.float32)
+        self.remaining = tiles
+
+    def add(self, y: int, x: int, probabilities: np.ndarray, importance: np.ndarray) -> None:
+        tile = importance.shape[0]
+        self.scores[:, y : y + tile, x : x + tile] += probabilities * importance
+        self.weights[y : y + tile, x : x + tile] += importance
+        self.remaining -= 1
+
+    def probabilities(self) -> np.ndarray:
+        height, width = self.shape
+        return self.scores[:, :height, :width] / self.weights[:height, :width]
+
+
+class _TileJob(NamedTuple):
+    blend: _SliceBlend
+    y: int
+    x: int
+    inputs: np.ndarray  # (context, tile, tile)
+
+
+def _autocast(device: torch.device) -> AbstractContextManager[Any]:
+    """Mixed precision on CUDA only (bf16 where supported); full precision elsewhere."""
+    if device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _run_batch(model: Segmenter, jobs: list[_TileJob], importance: np.ndarray, device: torch.device) -> None:
+    inputs = torch.from_numpy(np.stack([job.inputs for job in jobs])).to(device)
+    with torch.no_grad(), _autocast(device):
+        probabilities = model.probabilities(model(inputs))
+    probabilities = probabilities.float().cpu().numpy()
+    for job, tile_probabilities in zip(jobs, probabilities, strict=True):
+        job.blend.add(job.y, job.x, tile_probabilities, importance)
+
+
+def _labels(model: Segmenter, probabilities: np.ndarray, device: torch.device) -> np.ndarray:
+    with torch.no_grad():
+        labels = model.to_labels(torch.from_numpy(probabilities[None]).to(device))
+    return labels[0].cpu().numpy().astype(np.uint8)
+
+
+# ---------------------------------------------------------------- the public loop
+def predict_volume(
+    model: Segmenter,
+    volume: Volume | Path | str,
+    window: IntensityWindow,
+    config: PredictConfig,
+    device: torch.device | str | None = None,
+    *,
+    transform: SliceTransform | None = None,
+    progress: bool = True,
+) -> Iterator[SlicePrediction]:
+    """Segment every slice of `volume`, yielding SlicePrediction(z, labels, probabilities) in z order.
+
+    `window` maps grey values to the model's [0, 1] (the one it was trained with); `transform`
+    is applied to each normalised slice (e.g. added noise) and its result clipped to [0, 1].
+    The model is used in eval mode and restored to its previous mode afterwards.
+    """
+    context = int(model.context)
+    if context < 1 or context % 2 == 0:
+        raise ValueError(f"model context must be an odd number of slices, got {context}")
+    device = torch.device(device) if device is not None else pick_device()
+    with ExitStack() as stack:
+        source = volume if isinstance(volume, Volume) else stack.enter_context(Volume(volume))
+        was_training = model.training
+        model.to(device).eval()
+        try:
+            stacks = _context_stacks(source, window, context, transform, progress)
+            yield from _predict_stacks(model, stacks, config, device)
+        finally:
+            model.train(was_training)
+
+
+def _predict_stacks(model: Segmenter, stacks: Iterable[tuple[int, np.ndarray]], config: PredictConfig, device: torch.device) -> Iterator[SlicePrediction]:
+    """Tile, batch across slices, blend; yield each slice as soon as its last tile is back."""
+    importance = gaussian_importance(config.tile)
+    pending: OrderedDict[int, _SliceBlend] = OrderedDict()
+    jobs: list[_TileJob] = []
+    for z, inputs in stacks:
+        padded = _reflect_pad(inputs, config.tile)
+        ys = tile_starts(padded.shape[-2], config.tile, config.overlap)
+        xs = tile_starts(padded.shape[-1], config.tile, config.overlap)
+        blend = _SliceBlend(z, padded.shape[-2:], inputs.shape[-2:], len(ys) * len(xs), classes=NUM_CLASSES)
+        pending[z] = blend
+        for y in ys:
+            for x in xs:
+                jobs.append(_TileJob(blend, y, x, padded[:, y : y + config.tile, x : x + config.tile]))
+                if len(jobs) == config.batch:
+                    _run_batch(model, jobs, importance, device)
+                    jobs = []
+                    yield from _finished(model, pending, device)
+    if jobs:
+        _run_batch(model, jobs, importance, device)
+    yield from _finished(model, pending, device)
+
+
+def _finished(model: Segmenter, pending: OrderedDict[int, _SliceBlend], device: torch.device) -> Iterator[SlicePrediction]:
+    """Pop and label the leading slices whose tiles are all blended (tiles run in z order)."""
+    while pending and next(iter(pending.values())).remaining == 0:
+        _, blend = pending.popitem(last=False)
+        probabilities = blend.probabilities()
+        yield SlicePrediction(blend.z, _labels(model, probabilities, device), probabilities)
+
+
+# ---------------------------------------------------------------- writing
+def output_format(out: Path, fmt: OutputFormat | None = None) -> OutputFormat:
+    """The given format, or the one the file suffix names (.h5/.hdf5, .tif/.tiff)."""
+    if fmt is not None:
+        return fmt
+    found = FORMATS_BY_SUFFIX.get(Path(out).suffix.lower())
+    if found is None:
+        raise InputError(out, "unknown output format", f"name it {' / '.join(FORMATS_BY_SUFFIX)} or pass the format")
+    return found
+
+
+def _in_order(predictions: Iterable[tuple[Any, ...]], n_slices: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(z, labels) checked to arrive as 0, 1, ..., n_slices - 1 (streamed writers need it)."""
+    expected = 0
+    for z, labels, *_ in predictions:
+        if z != expected:
+            raise ValueError(f"prediction for slice {z} arrived where slice {expected} was due")
+        yield z, np.asarray(labels, dtype=np.uint8)
+        expected += 1
+    if expected != n_slices:
+        raise ValueError(f"{expected} predicted slices for a volume of {n_slices}")
+
+
+def write_prediction(
+    predictions: Iterable[tuple[Any, ...]],
+    out: Path,
+    source: Volume,
+    fmt: OutputFormat | None = None,
+    attrs: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write streamed (z, labels, ...) items for `source`'s slices to `out`, atomically.
+
+    hdf5: a volume file with `image` (copied from `source`) and `labels` (the prediction);
+    tiff: the labels only, one uint8 page per slice, `attrs` in the ImageDescription JSON.
+    """
+    fmt = output_format(out, fmt)
+    ordered = _in_order(predictions, source.n_slices)
+    if fmt == "hdf5":
+        _write_hdf5(ordered, Path(out), source, attrs or {})
+    else:
+        _write_tiff(ordered, Path(out), source.shape, attrs or {})
+    return Path(out)
+
+
+def _write_hdf5(ordered: Iterable[tuple[int, np.ndarray]], out: Path, source: Volume, attrs: Mapping[str, Any]) -> None:
+    with VolumeWriter(out, source.shape, labelled=True, attrs=attrs) as writer:
+        for z, labels in ordered:
+            writer.write(z, source.image(z, z + 1), labels)
+
+
+def _write_tiff(ordered: Iterable[tuple[int, np.ndarray]], out: Path, shape: tuple[int, int, int], attrs: Mapping[str, Any]) -> None:
+    import tifffile
+
+    from xctsam.atomic import atomic_path
+
+    pages = (labels for _, labels in ordered)
+    with atomic_path(out) as tmp, tifffile.TiffWriter(tmp) as tif:
+        tif.write(pages, shape=shape, dtype=np.uint8, photometric="minisblack", compression="zlib", metadata={"axes": "ZYX", **_json_safe(attrs)})
+
+
+def _json_safe(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """tifffile stores metadata as JSON: paths and other objects become their text."""
+    import json
+
+    return json.loads(json.dumps(dict(attrs), default=str))
+
+
+def predict_file(
+    model: Segmenter,
+    volume_path: Path,
+    window: IntensityWindow,
+    config: PredictConfig,
+    out: Path,
+    *,
+    device: torch.device | str | None = None,
+    fmt: OutputFormat | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    transform: SliceTransform | None = None,
+    progress: bool = True,
+) -> Path:
+    """Segment one volume file and write the labels to `out` (the `xctsam predict` command)."""
+    with Volume(volume_path) as source:
+        provenance = {"source": str(volume_path), "window": window.to_dict(), "predict": config.model_dump(), **dict(attrs or {})}
+        predictions = predict_volume(model, source, window, config, device, transform=transform, progress=progress)
+        return write_prediction(predictions, out, source, fmt, provenance)

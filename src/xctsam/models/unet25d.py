@@ -1,0 +1,111 @@
+"""The 2.5D U-Net baseline: `context` adjacent slices in as channels, the centre slice's classes out.
+
+A standard U-Net (Ronneberger et al. 2015): per level two 3x3 conv - GroupNorm - ReLU blocks,
+2x2 max-pooling down, 2x2 transposed convolution up, skip connections concatenated. Channels
+start at `filters` and double per level; `depth` counts resolution levels, so the input is
+halved depth - 1 times. Any H, W is accepted: the input is edge-padded to a multiple of
+2**(depth - 1) and the logits cropped back.
+
+GroupNorm rather than BatchNorm: training batches are a handful of tiles (4 by default) and
+inference runs on other tile counts, where BatchNorm's batch statistics are noisy and its
+running averages differ from what training saw; GroupNorm behaves the same for any batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xctsam import NUM_CLASSES
+from xctsam.config import UNetConfig
+from xctsam.models.base import Segmenter
+from xctsam.train.losses import segmentation_loss
+
+_MAX_GROUPS = 8
+
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    """Two 3x3 conv - GroupNorm - ReLU layers (no conv bias: the norm's shift replaces it)."""
+    groups = math.gcd(_MAX_GROUPS, out_channels)
+    layers: list[nn.Module] = []
+    for channels_in in (in_channels, out_channels):
+        layers += [
+            nn.Conv2d(channels_in, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(groups, out_channels),
+            nn.ReLU(inplace=True),
+        ]
+    return nn.Sequential(*layers)
+
+
+class UpLevel(nn.Module):
+    """Upsample by a transposed conv, concatenate the skip, then a conv block."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
+        self.block = conv_block(2 * out_channels, out_channels)
+
+    def forward(self, features: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.block(torch.cat([skip, self.up(features)], dim=1))
+
+
+class UNet25D(Segmenter):
+    """2.5D U-Net: (B, context, H, W) in [0, 1] -> logits (B, num_classes, H, W)."""
+
+    def __init__(
+        self,
+        config: UNetConfig,
+        class_weights: Sequence[float] | torch.Tensor = (1.0,) * NUM_CLASSES,
+        dice_weight: float = 1.0,
+        num_classes: int = NUM_CLASSES,
+    ) -> None:
+        super().__init__()
+        if len(class_weights) != num_classes:
+            raise ValueError(f"class_weights: {len(class_weights)} values for {num_classes} classes")
+        self.context = config.context
+        self.depth = config.depth
+        self.dice_weight = float(dice_weight)
+        # a buffer so it follows .to(device); not persistent: the weights are a training choice,
+        # and a checkpoint should load under any of them
+        self.register_buffer("class_weights", torch.as_tensor(class_weights, dtype=torch.float32), persistent=False)
+        widths = [config.filters * 2**level for level in range(config.depth)]
+        self.down = nn.ModuleList(conv_block(c_in, c_out) for c_in, c_out in zip([config.context, *widths[:-1]], widths))
+        self.up = nn.ModuleList(UpLevel(c_in, c_out) for c_in, c_out in zip(widths[:0:-1], widths[-2::-1]))
+        self.head = nn.Conv2d(widths[0], num_classes, kernel_size=1)
+
+    def _pad(self, images: torch.Tensor) -> torch.Tensor:
+        multiple = 2 ** (self.depth - 1)
+        height, width = images.shape[-2:]
+        pad_y, pad_x = -height % multiple, -width % multiple
+        if not (pad_y or pad_x):
+            return images
+        # edge values rather than zeros: zero is a real grey value (background) in [0, 1]
+        return F.pad(images, (0, pad_x, 0, pad_y), mode="replicate")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[1] != self.context:
+            raise ValueError(f"expected {self.context} context slices as channels, got {images.shape[1]}")
+        height, width = images.shape[-2:]
+        features = self._pad(images)
+        skips = []
+        for level, block in enumerate(self.down):
+            if level:
+                features = F.max_pool2d(features, 2)
+            features = block(features)
+            skips.append(features)
+        for up, skip in zip(self.up, reversed(skips[:-1])):
+            features = up(features, skip)
+        return self.head(features)[..., :height, :width]
+
+    def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return segmentation_loss(outputs, labels, self.class_weights, self.dice_weight)
+
+    def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs.float().softmax(dim=1)
+
+    def to_labels(self, probabilities: torch.Tensor) -> torch.Tensor:
+        return probabilities.argmax(dim=1)

@@ -1,0 +1,1 @@
+"""Training: losses shared by every model, and the one loop that trains them."""
