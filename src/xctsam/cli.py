@@ -20,7 +20,9 @@ app = typer.Typer(help="xctsam: SAM with Conv-LoRA for industrial XCT segmentati
 data_app = typer.Typer(help="Make, import and inspect XCT volumes.", no_args_is_help=True)
 gan_app = typer.Typer(help="CycleGAN: idealised render -> experimental-looking XCT.", no_args_is_help=True)
 eval_app = typer.Typer(help="Evaluate: FID of splits, (later) segmentation metrics.", no_args_is_help=True)
+train_app = typer.Typer(help="Train the segmentation models (one loop for all).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
 app.add_typer(gan_app, name="gan")
 app.add_typer(eval_app, name="eval")
 
@@ -142,7 +144,79 @@ def gan_synthesize(
         print(path)
 
 
+# ---------------------------------------------------------------- train
+def _train(kind: str, params: Path, root: Path, out: Path | None, seed: int | None, fresh: bool) -> None:
+    from xctsam.config import load_params
+    from xctsam.train.stage import train_model
+
+    result = train_model(kind, _with_seed(load_params(params), seed), root, out or Path("models") / kind, resume=not fresh)
+    print(f"{kind}: {result.steps} steps, best validation mIoU {result.best_val_miou:.4f} at step {result.best_step} -> {result.checkpoint}")
+
+
+FreshOption = Annotated[bool, typer.Option("--fresh", help="Ignore an existing checkpoint and start over.")]
+ModelOutOption = Annotated[Path | None, typer.Option("--out", help="Model folder (default models/<model>).")]
+
+
+@train_app.command("sam")
+def train_sam(params: ParamsOption = Path("params.yaml"), root: DataRootOption = Path("data"), out: ModelOutOption = None, seed: SeedOption = None, fresh: FreshOption = False) -> None:
+    """PEFT-SAM (Conv-LoRA + prompt-free decoder) on params train.sam; resumes after a kill."""
+    _train("sam", params, root, out, seed, fresh)
+
+
+@train_app.command("unet")
+def train_unet(params: ParamsOption = Path("params.yaml"), root: DataRootOption = Path("data"), out: ModelOutOption = None, seed: SeedOption = None, fresh: FreshOption = False) -> None:
+    """The 2.5D U-Net baseline on params train.unet; resumes after a kill."""
+    _train("unet", params, root, out, seed, fresh)
+
+
+# ---------------------------------------------------------------- predict
+@app.command("predict")
+def predict(
+    volume: Annotated[Path, typer.Argument(help="Volume file (.h5) to segment.")],
+    model: Annotated[Path, typer.Option(help="Trained model (best.pt of `xctsam train`).")] = Path("models/sam/best.pt"),
+    out: Annotated[Path, typer.Option(help="Output: .h5 (image + labels) or .tif (labels).")] = Path("prediction.h5"),
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Segment a whole volume: overlapping tiles, Gaussian blending, streamed slice by slice."""
+    from xctsam.config import load_params
+    from xctsam.eval.predict import predict_file
+    from xctsam.models.factory import load_segmenter
+
+    segmenter, window, meta = load_segmenter(model)
+    print(predict_file(segmenter, volume, window, load_params(params).predict, out, attrs={"model": str(model), "model_kind": meta["kind"]}))
+
+
 # ---------------------------------------------------------------- eval
+def _named_models(models: list[str]) -> dict[str, Path]:
+    named = {}
+    for item in models:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"'{item}' is not NAME=PATH", param_hint="--model")
+        named[name] = Path(path)
+    return named
+
+
+@eval_app.command("models")
+def eval_models(
+    model: Annotated[list[str], typer.Option(help="NAME=PATH of a trained model (repeatable).")] = ["sam=models/sam/best.pt", "unet=models/unet/best.pt"],  # noqa: B006
+    params: ParamsOption = Path("params.yaml"),
+    root: DataRootOption = Path("data"),
+    out: Annotated[Path, typer.Option(help="Metrics file (JSON).")] = Path("metrics/eval.json"),
+) -> None:
+    """Score every model on every eval.splits split: IoU and Dice per class, mIoU."""
+    import json
+
+    from xctsam.config import load_params
+    from xctsam.eval.evaluate import evaluate_models
+    from xctsam.models.factory import load_segmenter
+
+    config = load_params(params)
+    loaded = {name: load_segmenter(path)[:2] for name, path in _named_models(model).items()}
+    report = evaluate_models(loaded, config, root, out)
+    print(json.dumps({"miou": report["miou"]}, indent=2))
+
+
 @eval_app.command("fid")
 def eval_fid(
     params: ParamsOption = Path("params.yaml"),

@@ -8,18 +8,16 @@ interrupted run started again continues where it stopped.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from xctsam import __version__
 from xctsam.config import Params, SplitRecipe
 from xctsam.data.volumes import Volume, VolumeWriter, write_manifest, write_volume
+from xctsam.hashing import fingerprint
 from xctsam.progress import track
 
 PHANTOM_STORE = "phantoms"
@@ -30,11 +28,6 @@ def volume_rng(seed: int, split: str, index: int, stream: str) -> np.random.Gene
     """Independent, reproducible random stream per (seed, split, volume, purpose)."""
     key = [seed, zlib.crc32(split.encode()), index, zlib.crc32(stream.encode())]
     return np.random.default_rng(np.random.SeedSequence(key))
-
-
-def fingerprint(*parts: Any) -> str:
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _is_current(path: Path, expected: str) -> bool:

@@ -8,7 +8,6 @@ mean goes into the output split's manifest, every volume's attrs and MLflow.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,11 @@ from skimage.filters import threshold_otsu
 
 from xctsam.atomic import atomic_dir
 from xctsam.config import Params
-from xctsam.data.splits import fingerprint
 from xctsam.data.volumes import Volume, VolumeWriter, split_volumes, write_manifest
 from xctsam.device import pick_device
 from xctsam.errors import InputError
 from xctsam.gan.cyclegan import Translator
+from xctsam.hashing import file_sha256, fingerprint
 from xctsam.progress import track
 
 SOLID_LABELS = (1, 3)  # material and inclusion attenuate more than air and pores: bright in XCT
@@ -53,11 +52,6 @@ def mean_iou(values: list[float]) -> float:
 def json_number(value: float) -> float | None:
     """NaN (no structure anywhere) is not JSON: written as null."""
     return None if math.isnan(value) else value
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _labelled_sources(source_dir: Path) -> list[Path]:

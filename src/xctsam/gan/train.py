@@ -47,8 +47,6 @@ from xctsam.data.datasets import (
     sample_slices,
     split_slices,
 )
-from xctsam.data.splits import fingerprint
-from xctsam.data.volumes import split_volumes
 from xctsam.device import pick_device
 from xctsam.errors import ConfigError
 from xctsam.gan.cyclegan import (
@@ -58,7 +56,8 @@ from xctsam.gan.cyclegan import (
     Translator,
     to_net,
 )
-from xctsam.gan.synthesize import file_sha256, json_number, mean_iou, slab_structure_iou
+from xctsam.gan.synthesize import json_number, mean_iou, slab_structure_iou
+from xctsam.hashing import fingerprint, folders_digest
 from xctsam.interrupt import InterruptLatch
 from xctsam.progress import track
 
@@ -103,10 +102,7 @@ def linear_decay(step: int, steps: int, decay_start: int) -> float:
 def training_fingerprint(params: Params, data_root: Path) -> str:
     """Hash of what determines the trained weights: seed, training params, and both domains' files."""
     config = params.gan.model_dump(mode="json", exclude=NOT_TRAINING_KEYS)
-    data = {
-        str(folder): [(path.name, file_sha256(path)) for path in split_volumes(Path(data_root) / folder)]
-        for folder in (params.gan.domain_a, params.gan.domain_b)
-    }
+    data = folders_digest(Path(data_root) / folder for folder in (params.gan.domain_a, params.gan.domain_b))
     return fingerprint(params.seed, config, data)
 
 

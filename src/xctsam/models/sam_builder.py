@@ -18,7 +18,6 @@ as `segment_anything.build_sam._build_sam` does, except that the image size is a
 
 from __future__ import annotations
 
-import hashlib
 import re
 import zipfile
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from xctsam.compat import ensure_torchvision
 from xctsam.config import SamConfig
 from xctsam.errors import InputError
+from xctsam.hashing import file_sha256
 
 ensure_torchvision()  # segment_anything imports torchvision, which needs the CPU shim here
 
@@ -52,7 +52,6 @@ _REL_POS_SUFFIXES = (".attn.rel_pos_h", ".attn.rel_pos_w")
 # only names of that form are checked, so a user's `run_20240101.pth` is not mistaken for one.
 _HASH_SUFFIX = re.compile(r"^sam_vit_[bhl]_([0-9a-f]{6,64})$", re.IGNORECASE)
 _KEYS_SHOWN = 5
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -158,15 +157,6 @@ def describe_architecture(model: Sam) -> str:
 
 
 # ---------------------------------------------------------------- checkpoint file
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks (official checkpoints are 0.4 to 2.6 GB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_hash(path: Path) -> tuple[str, str]:
     """(sha256, 'verified' | 'unverified'); InputError when the name's hash prefix disagrees."""
     sha256 = file_sha256(path)

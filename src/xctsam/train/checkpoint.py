@@ -25,8 +25,8 @@ import torch
 
 from xctsam.atomic import atomic_path
 from xctsam.config import TrainConfig
-from xctsam.data.splits import fingerprint
 from xctsam.errors import InputError
+from xctsam.hashing import fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,81 @@
+"""Train -> predict -> evaluate through the CLI on a tiny labelled split, for both models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from xctsam.cli import main
+from xctsam.data.volumes import write_volume
+from xctsam.models.factory import load_segmenter
+
+from .conftest import write_params
+
+
+def _coupon(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A bright disc (material) with dark pores and brighter inclusions, plus noise."""
+    z, y, x = np.indices(shape)
+    labels = ((y - shape[1] / 2) ** 2 + (x - shape[2] / 2) ** 2 < (shape[1] / 2.6) ** 2).astype(np.uint8)
+    for _ in range(6):
+        cz, cy, cx = rng.integers(0, shape[0]), rng.integers(10, shape[1] - 10), rng.integers(10, shape[2] - 10)
+        labels[((z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2 < 4) & (labels == 1)] = rng.choice([2, 3])
+    image = np.choose(labels, [0.0, 0.5, 0.05, 1.0]) + rng.normal(0, 0.03, shape)
+    return image.astype(np.float32), labels
+
+
+@pytest.fixture
+def project(tmp_path: Path, tiny_params: dict, monkeypatch: pytest.MonkeyPatch) -> Path:
+    rng = np.random.default_rng(0)
+    for split, count in (("synthetic/Tr-GAN", 3), ("real/Te-1", 1), ("real/Te-2", 1)):
+        for i in range(count):
+            write_volume(tmp_path / "data" / split / f"v{i}.h5", *_coupon(rng, (4, 40, 40)))
+    small_train = {"steps": 6, "epoch_steps": 3, "tile": 32, "batch": 2, "val_slices": 2, "warmup_steps": 1, "checkpoint_every": 3}
+    for kind in ("sam", "unet"):
+        tiny_params["train"][kind].update(small_train)
+    tiny_params["sam"]["small"] = {"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": [1], "window_size": 4}
+    tiny_params["sam"]["lora"].update({"rank": 2, "experts": 2})
+    tiny_params["unet"] = {"context": 3, "filters": 4, "depth": 2}
+    tiny_params["predict"] = {"tile": 32, "overlap": 0.25, "batch": 4}
+    tiny_params["eval"] = {"splits": ["real/Te-1", "real/Te-2"]}
+    write_params(tmp_path / "params.yaml", tiny_params)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("kind", ["unet", "sam"])
+def test_train_predict_evaluate(project: Path, kind: str) -> None:
+    assert main(["train", kind]) == 0
+    summary = json.loads((project / "models" / kind / "training.json").read_text())
+    assert summary["steps"] == 6 and summary["best_step"] in (3, 6)
+    model, window, meta = load_segmenter(project / "models" / kind / "best.pt")
+    assert meta["kind"] == kind and window.high > window.low
+    assert set(meta["data"]) == {str(Path("data") / "synthetic" / "Tr-GAN")}
+
+    out = project / "pred.tif"
+    assert main(["predict", "data/real/Te-1/v0.h5", "--model", f"models/{kind}/best.pt", "--out", str(out)]) == 0
+    predicted = tifffile.imread(out)
+    assert predicted.shape == (4, 40, 40) and set(np.unique(predicted)) <= {0, 1, 2, 3}
+
+    assert main(["eval", "models", "--model", f"{kind}=models/{kind}/best.pt"]) == 0
+    report = json.loads((project / "metrics" / "eval.json").read_text())
+    assert set(report["iou"][kind]) == {"Te-1", "Te-2"}
+    assert set(report["iou"][kind]["Te-1"]) == {"background", "material", "pore", "inclusion"}
+
+
+def test_second_train_returns_at_once(project: Path) -> None:
+    assert main(["train", "unet"]) == 0
+    best = project / "models" / "unet" / "best.pt"
+    stamp = best.stat().st_mtime_ns
+    assert main(["train", "unet"]) == 0
+    assert best.stat().st_mtime_ns == stamp
+
+
+def test_missing_training_split_is_one_line(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "unet", "--root", "nowhere"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "nowhere" in err
