@@ -50,9 +50,10 @@ def measure(variant: str, full: bool, args: argparse.Namespace) -> dict:
     queue = context.Queue()
     process = context.Process(target=_run, args=(variant, full, args.batch, args.image_size, args.tile, args.steps, args.warmup, queue))
     process.start()
-    result = queue.get()
     process.join()
-    return result
+    if process.exitcode != 0:
+        raise SystemExit(f"{variant} ({'full' if full else 'PEFT'}) run failed with exit code {process.exitcode}")
+    return queue.get()
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -20,11 +21,21 @@ T = TypeVar("T")
 _console = Console(stderr=True)
 
 
+def enabled() -> bool:
+    """False when XCTSAM_NO_PROGRESS is set (logs, CI)."""
+    return not os.environ.get("XCTSAM_NO_PROGRESS")
+
+
+def progress_bar(*extra: ProgressColumn) -> Progress:
+    """The project's bar: description, bar, done/total, `extra` columns, elapsed, remaining."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *extra, TimeElapsedColumn(), TimeRemainingColumn())
+    return Progress(*columns, console=_console, transient=False)
+
+
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate with a progress bar; XCTSAM_NO_PROGRESS=1 silences it (logs, CI)."""
-    if os.environ.get("XCTSAM_NO_PROGRESS"):
+    """Iterate with a progress bar; XCTSAM_NO_PROGRESS=1 silences it."""
+    if not enabled():
         yield from items
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=_console, transient=False) as progress:
+    with progress_bar() as progress:
         yield from progress.track(items, total=total, description=description)

@@ -13,6 +13,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
+from xctsam.train.losses import segmentation_loss
+
 
 class Segmenter(nn.Module, ABC):
     context: int = 1  # input slices per sample
@@ -36,3 +38,22 @@ class Segmenter(nn.Module, ABC):
     def auxiliary_loss(self) -> torch.Tensor:
         """Extra loss from the last forward (Conv-LoRA's load balancing); 0 by default."""
         return torch.zeros((), device=next(self.parameters()).device)
+
+
+class MulticlassSegmenter(Segmenter):
+    """Outputs are class logits: weighted cross-entropy + Dice, softmax, argmax.
+
+    Subclasses set `class_weights` (a tensor buffer) and `dice_weight`.
+    """
+
+    class_weights: torch.Tensor
+    dice_weight: float
+
+    def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return segmentation_loss(outputs, labels, self.class_weights, self.dice_weight)
+
+    def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs.float().softmax(dim=1)
+
+    def to_labels(self, probabilities: torch.Tensor) -> torch.Tensor:
+        return probabilities.argmax(dim=1)

@@ -39,10 +39,10 @@ from torch import nn
 
 from xctsam import CLASS_NAMES, NUM_CLASSES
 from xctsam.config import ConvLoraConfig, SamConfig
-from xctsam.models.base import Segmenter
+from xctsam.models.base import MulticlassSegmenter, Segmenter
 from xctsam.models.conv_lora import ConvLoRAQKV, collect_balance_loss, inject_conv_lora
 from xctsam.models.sam_builder import Sam, build_sam
-from xctsam.train.losses import binary_segmentation_loss, segmentation_loss
+from xctsam.train.losses import binary_segmentation_loss
 
 PIXEL_RANGE = 255.0  # SAM's normalisation expects 0..255 RGB
 PER_CLASS_ORDER: tuple[str, ...] = CLASS_NAMES[1:]  # painting order: material, pore, inclusion
@@ -145,7 +145,7 @@ class _ConvLoraSegmenter(Segmenter):
         )
 
 
-class PeftSam(_ConvLoraSegmenter):
+class PeftSam(_ConvLoraSegmenter, MulticlassSegmenter):
     """Multiclass layout: SAM's 4 mask tokens are the 4 class logits (softmax)."""
 
     def __init__(
@@ -165,15 +165,6 @@ class PeftSam(_ConvLoraSegmenter):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.network(images)
-
-    def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return segmentation_loss(outputs, labels, self.class_weights, self.dice_weight)
-
-    def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
-        return outputs.float().softmax(dim=1)
-
-    def to_labels(self, probabilities: torch.Tensor) -> torch.Tensor:
-        return probabilities.argmax(dim=1)
 
 
 class PerClassPeftSam(_ConvLoraSegmenter):

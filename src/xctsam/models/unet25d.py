@@ -22,8 +22,7 @@ from torch import nn
 
 from xctsam import NUM_CLASSES
 from xctsam.config import UNetConfig
-from xctsam.models.base import Segmenter
-from xctsam.train.losses import segmentation_loss
+from xctsam.models.base import MulticlassSegmenter
 
 _MAX_GROUPS = 8
 
@@ -53,7 +52,7 @@ class UpLevel(nn.Module):
         return self.block(torch.cat([skip, self.up(features)], dim=1))
 
 
-class UNet25D(Segmenter):
+class UNet25D(MulticlassSegmenter):
     """2.5D U-Net: (B, context, H, W) in [0, 1] -> logits (B, num_classes, H, W)."""
 
     def __init__(
@@ -101,11 +100,3 @@ class UNet25D(Segmenter):
             features = up(features, skip)
         return self.head(features)[..., :height, :width]
 
-    def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return segmentation_loss(outputs, labels, self.class_weights, self.dice_weight)
-
-    def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
-        return outputs.float().softmax(dim=1)
-
-    def to_labels(self, probabilities: torch.Tensor) -> torch.Tensor:
-        return probabilities.argmax(dim=1)

@@ -44,18 +44,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import TextColumn
 from torch import nn
 
-from xctsam import CLASS_NAMES, NUM_CLASSES
+from xctsam import CLASS_NAMES, NUM_CLASSES, progress
 from xctsam.atomic import write_text_atomic
 from xctsam.config import TrainConfig
 from xctsam.data.datasets import IntensityWindow, SliceRef, sample_slices
@@ -442,11 +434,10 @@ def restore_state(state: Mapping[str, Any], trainer: Trainer, sampler: TileSourc
 @contextmanager
 def step_progress(total: int, start: int, enabled: bool) -> Iterator[Callable[[int, float], None]]:
     """update(done, loss) callback of a rich bar; silent when disabled or XCTSAM_NO_PROGRESS=1."""
-    if not enabled or os.environ.get("XCTSAM_NO_PROGRESS"):
+    if not (enabled and progress.enabled()):
         yield lambda done, loss: None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True)) as bar:
+    with progress.progress_bar(TextColumn("loss {task.fields[loss]}")) as bar:
         task = bar.add_task("train", total=total, completed=start, loss="-")
         yield lambda done, loss: bar.update(task, completed=done, loss=f"{loss:.4f}")
 
