@@ -238,6 +238,15 @@ def _with_seed(config, seed: int | None):
     return config if seed is None else config.model_copy(update={"seed": seed})
 
 
+# ---------------------------------------------------------------- ui
+@app.command("ui")
+def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> None:
+    """Start the MLflow UI on the project's store (127.0.0.1, lean settings); Ctrl-C stops it."""
+    from xctsam.ui import serve
+
+    raise typer.Exit(serve(port))
+
+
 # ---------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code (also used by tests)."""

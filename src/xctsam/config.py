@@ -293,6 +293,14 @@ class EvalConfig(StrictModel):
     splits: list[str] = [f"real/Te-{i}" for i in range(1, 7)]
 
 
+class RobustnessConfig(StrictModel):
+    """Models scored on chosen test splits with noise added to their normalised inputs."""
+
+    splits: list[str] = ["real/Te-3"]
+    gaussian: list[NonNegativeFloat] = [0.0, 0.02, 0.05, 0.1]  # std, in units of the model's window
+    poisson: list[PositiveFloat] = [1000.0, 300.0, 100.0]  # photons at full scale (lower = noisier)
+
+
 # ---------------------------------------------------------------- FID
 class FidConfig(StrictModel):
     """Frechet distance of each test split (and named pairs) to the training set."""
@@ -323,6 +331,7 @@ class Params(StrictModel):
     train: TrainSection = TrainSection()
     predict: PredictConfig = PredictConfig()
     eval: EvalConfig = EvalConfig()
+    robustness: RobustnessConfig = RobustnessConfig()
     fid: FidConfig = FidConfig()
 
 
