@@ -187,6 +187,10 @@ def predict(
 
 
 # ---------------------------------------------------------------- eval
+ModelsOption = Annotated[list[str], typer.Option("--model", help="NAME=PATH of a trained model (repeatable).")]
+DEFAULT_MODELS = ["SAM-GAN=models/sam/best.pt", "U-Net=models/unet/best.pt"]
+
+
 def _named_models(models: list[str]) -> dict[str, Path]:
     named = {}
     for item in models:
@@ -199,7 +203,7 @@ def _named_models(models: list[str]) -> dict[str, Path]:
 
 @eval_app.command("models")
 def eval_models(
-    model: Annotated[list[str], typer.Option(help="NAME=PATH of a trained model (repeatable).")] = ["sam=models/sam/best.pt", "unet=models/unet/best.pt"],  # noqa: B006
+    model: ModelsOption = ["sam=models/sam/best.pt", "unet=models/unet/best.pt"],  # noqa: B006
     params: ParamsOption = Path("params.yaml"),
     root: DataRootOption = Path("data"),
     out: Annotated[Path, typer.Option(help="Metrics file (JSON).")] = Path("metrics/eval.json"),
@@ -236,6 +240,24 @@ def eval_fid(
 
 def _with_seed(config, seed: int | None):
     return config if seed is None else config.model_copy(update={"seed": seed})
+
+
+@eval_app.command("robustness")
+def eval_robustness(
+    model: ModelsOption = DEFAULT_MODELS,  # noqa: B006
+    params: ParamsOption = Path("params.yaml"),
+    root: DataRootOption = Path("data"),
+    out: Annotated[Path, typer.Option(help="IoU per noise level (JSON rows, a DVC plot).")] = Path("plots/robustness.json"),
+    png_dir: Annotated[Path, typer.Option(help="Folder for a PNG per split and class.")] = Path("reports/robustness"),
+) -> None:
+    """IoU per class as Gaussian and Poisson noise grow on robustness.splits, for each model."""
+    from xctsam.config import load_params
+    from xctsam.eval.robustness import evaluate_robustness
+    from xctsam.models.factory import load_segmenter
+
+    loaded = {name: load_segmenter(path)[:2] for name, path in _named_models(model).items()}
+    rows = evaluate_robustness(loaded, load_params(params), root, out, png_dir)
+    print(f"{len(rows)} rows -> {out}; plots in {png_dir}")
 
 
 # ---------------------------------------------------------------- ui

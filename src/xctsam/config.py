@@ -293,6 +293,19 @@ class EvalConfig(StrictModel):
     splits: list[str] = [f"real/Te-{i}" for i in range(1, 7)]
 
 
+class FinetuneConfig(StrictModel):
+    """Re-fine-tuning SAM-GAN on labelled real scans (SAM-FineReal-Sub and SAM-FineReal).
+
+    `volumes` names the real volumes used for fine-tuning, per split folder; every other
+    volume of `eval.splits` is what forgetting is measured on, and any overlap is refused.
+    """
+
+    volumes: dict[str, list[str]] = {f"real/Te-{i}": [f"Te-{i}_000.h5"] for i in range(1, 7)}
+    sub_fraction: Annotated[float, Field(gt=0, le=1)] = 0.25  # SAM-FineReal-Sub's share of the fine-tuning slices
+    steps: Annotated[int, Field(ge=1)] = 300
+    lr: PositiveFloat = 1e-4
+
+
 class RobustnessConfig(StrictModel):
     """Models scored on chosen test splits with noise added to their normalised inputs."""
 
@@ -331,6 +344,7 @@ class Params(StrictModel):
     train: TrainSection = TrainSection()
     predict: PredictConfig = PredictConfig()
     eval: EvalConfig = EvalConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     robustness: RobustnessConfig = RobustnessConfig()
     fid: FidConfig = FidConfig()
 

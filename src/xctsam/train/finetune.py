@@ -1,0 +1,205 @@
+"""The `finetune_real` stage: SAM-GAN trained further on labelled real scans.
+
+Two variants start from the same SAM-GAN checkpoint (`best.pt` of `xctsam train sam`):
+- SAM-FineReal (`full`): every slice of the volumes named in params `finetune.volumes`;
+- SAM-FineReal-Sub (`sub`): a seeded `finetune.sub_fraction` share of those slices.
+
+The model keeps SAM-GAN's intensity window, so fine-tuned and base models see the same
+normalised inputs and their IoU can be compared. Training settings are `train.sam` with
+`finetune.steps` and `finetune.lr`.
+
+Validation: there is no other labelled real data (every remaining real volume is what
+forgetting is measured on, and must not be looked at), so the loop validates on
+`train.sam.val_slices` seeded slices of the fine-tuning slices themselves. The "best"
+checkpoint is therefore the epoch that fits the fine-tuning data best, not a held-out score.
+
+Overlap: forgetting is measured on `evaluation_volumes`, every labelled volume of
+`eval.splits` not named in `finetune.volumes`. The unit is the volume, not the slice: the Sub
+variant's unused slices of a fine-tuning volume are not evaluated either (2.5D tiles read
+their neighbours, and both variants must be scored on the same data). `check_no_overlap`
+refuses any fine-tuning volume among the evaluation volumes; the fine-tuned checkpoint
+records its volumes so forgetting can check again with the params in force then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from xctsam.config import Params
+from xctsam.data.datasets import SliceRef, sample_slices
+from xctsam.data.tiles import SegmentationTiles, _volume_refs
+from xctsam.errors import ConfigError, InputError
+from xctsam.eval.evaluate import eval_split_dirs, labelled_volumes
+from xctsam.hashing import file_sha256
+from xctsam.train.loop import TrainResult, process_rank, train_segmenter, whole_slice_batches
+
+Variant = Literal["sub", "full"]
+VARIANT_NAMES: dict[Variant, str] = {"sub": "SAM-FineReal-Sub", "full": "SAM-FineReal"}
+PARAMS_KEY = "finetune.volumes"
+
+
+# ---------------------------------------------------------------- which volumes
+def finetune_volume_paths(params: Params, data_root: Path) -> dict[str, list[Path]]:
+    """{split folder: [volume path]} named by finetune.volumes; a missing file is an InputError."""
+    found: dict[str, list[Path]] = {}
+    for folder, names in params.finetune.volumes.items():
+        paths = [Path(data_root) / folder / name for name in names]
+        for path in paths:
+            if not path.is_file():
+                raise InputError(
+                    path,
+                    f"fine-tuning volume named in params {PARAMS_KEY} not found",
+                    "name an existing volume file of that split folder",
+                )
+        found[folder] = paths
+    return found
+
+
+def _same_file_key(path: Path) -> Path:
+    # resolved, so a volume reached through a symlink or '..' still counts as the same volume
+    return Path(path).resolve()
+
+
+def evaluation_volumes(params: Params, data_root: Path) -> dict[str, list[Path]]:
+    """{split folder: [labelled volume path]} of eval.splits, minus every fine-tuning volume.
+
+    A split left with no volume to score is refused: its forgetting could not be measured.
+    """
+    tuned = {
+        _same_file_key(path)
+        for paths in finetune_volume_paths(params, data_root).values()
+        for path in paths
+    }
+    eval_split_dirs(params.eval.splits, data_root)  # unique split names, labelled folders
+    remaining: dict[str, list[Path]] = {}
+    for folder in params.eval.splits:
+        kept = [
+            path
+            for path in labelled_volumes(Path(data_root) / folder)
+            if _same_file_key(path) not in tuned
+        ]
+        if not kept:
+            raise ConfigError(
+                "params",
+                PARAMS_KEY,
+                f"takes every labelled volume of {folder}: none is left to measure forgetting on",
+            )
+        remaining[folder] = kept
+    return remaining
+
+
+def check_no_overlap(
+    finetune_volumes: Iterable[Path | SliceRef], eval_volumes: Mapping[str, Sequence[Path]]
+) -> None:
+    """ConfigError naming the first fine-tuning volume (or slice's volume) that is also evaluated."""
+    evaluated = {
+        _same_file_key(path): folder for folder, paths in eval_volumes.items() for path in paths
+    }
+    for item in finetune_volumes:
+        volume = item.volume if isinstance(item, SliceRef) else Path(item)
+        folder = evaluated.get(_same_file_key(volume))
+        if folder is not None:
+            raise ConfigError(
+                "params",
+                PARAMS_KEY,
+                f"{volume} is used for fine-tuning and is also evaluated in {folder}; fine-tuning and evaluation volumes must differ",
+            )
+
+
+# ---------------------------------------------------------------- which slices
+def finetune_slices(params: Params, data_root: Path, variant: Variant) -> list[SliceRef]:
+    """Every labelled slice of the fine-tuning volumes (full), or a seeded sub_fraction of them (sub)."""
+    refs = [
+        ref
+        for paths in finetune_volume_paths(params, data_root).values()
+        for path in paths
+        for ref in _volume_refs(path)
+    ]
+    if not refs:
+        raise ConfigError("params", PARAMS_KEY, "names no volume: nothing to fine-tune on")
+    if variant == "full":
+        return refs
+    count = max(1, round(params.finetune.sub_fraction * len(refs)))
+    return sample_slices(refs, count, params.seed)
+
+
+# ---------------------------------------------------------------- the stage
+def _finetune_meta(
+    base_meta: Mapping[str, Any], base: Path, variant: Variant, refs: Sequence[SliceRef]
+) -> dict[str, Any]:
+    """The base's meta (kind, config, window: the same model and normalisation) plus what was
+    fine-tuned on. Plain strings only: checkpoints are loaded with weights_only. The base's and
+    volumes' hashes make a new SAM-GAN or changed real data retrain."""
+    volumes = sorted({str(ref.volume) for ref in refs})
+    meta = {key: value for key, value in base_meta.items() if key != "training"}
+    meta["finetune"] = {
+        "variant": variant,
+        "base_sha256": file_sha256(base),
+        "volumes": volumes,
+        "volume_sha256": [file_sha256(Path(path)) for path in volumes],
+        "slices": [[str(ref.volume), ref.z] for ref in refs],
+    }
+    return meta
+
+
+def finetune_real(
+    params: Params,
+    data_root: Path,
+    base: Path,
+    out_dir: Path,
+    variant: Variant,
+    *,
+    resume: bool = True,
+) -> TrainResult:
+    """Fine-tune SAM-GAN (`base`, a best.pt) on real slices into out_dir (best.pt, training.json)."""
+    import mlflow
+
+    from xctsam import tracking
+    from xctsam.models.factory import load_segmenter
+
+    if variant not in VARIANT_NAMES:
+        raise ValueError(f"unknown variant {variant!r} (known: {', '.join(VARIANT_NAMES)})")
+    refs = finetune_slices(params, data_root, variant)
+    check_no_overlap(refs, evaluation_volumes(params, data_root))
+    model, window, base_meta = load_segmenter(Path(base))
+    if base_meta["kind"] != "sam":
+        raise InputError(
+            base,
+            f"a {base_meta['kind']} model, not SAM-GAN",
+            "give the best.pt of `xctsam train sam`",
+        )
+    config = params.train.sam.model_copy(
+        update={"steps": params.finetune.steps, "lr": params.finetune.lr}
+    )
+    meta = _finetune_meta(base_meta, Path(base), variant, refs)
+    sampler = SegmentationTiles(
+        refs, window, config.tile, model.context, config.oversample, params.seed + process_rank()
+    )
+    validation = whole_slice_batches(refs, window, model.context, config.val_slices, params.seed)
+    logged = {
+        "finetune": params.finetune.model_dump(mode="json"),
+        "train": config.model_dump(mode="json"),
+        "seed": params.seed,
+        "base": str(base),
+        "variant": variant,
+        "slices": len(refs),
+    }
+    with (
+        sampler,
+        tracking.stage_run(
+            f"finetune_real.{variant}", logged, tags={"model": VARIANT_NAMES[variant]}
+        ),
+    ):
+        return train_segmenter(
+            model,
+            sampler,
+            validation,
+            config,
+            out_dir,
+            seed=params.seed,
+            model_meta=meta,
+            resume=resume,
+            log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
+        )
