@@ -85,7 +85,13 @@ def test_unknown_split_is_refused(tmp_path: Path, tiny_params: dict, capsys) -> 
 
 
 def test_help_everywhere() -> None:
-    for args in (["--help"], ["data", "--help"], ["data", "phantoms", "--help"], ["data", "simulate", "--help"], ["data", "import", "--help"], ["data", "info", "--help"]):
+    commands = (
+        [], ["data"], ["data", "phantoms"], ["data", "simulate"], ["data", "import"], ["data", "info"],
+        ["gan"], ["gan", "train"], ["gan", "synthesize"], ["train"], ["train", "sam"], ["train", "unet"],
+        ["train", "finetune-real"], ["predict"], ["eval"], ["eval", "fid"], ["eval", "models"],
+        ["eval", "forgetting"], ["eval", "robustness"], ["ui"],
+    )
+    for args in ([*command, "--help"] for command in commands):
         result = subprocess.run([sys.executable, "-m", "xctsam.cli", *args], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and "Usage" in result.stdout, (args, result.stderr)
 

@@ -169,6 +169,25 @@ def train_unet(params: ParamsOption = Path("params.yaml"), root: DataRootOption 
     _train("unet", params, root, out, seed, fresh)
 
 
+@train_app.command("finetune-real")
+def train_finetune_real(
+    variant: Annotated[str, typer.Option(help="sub: SAM-FineReal-Sub (finetune.sub_fraction of the slices); full: SAM-FineReal.")] = "full",
+    base: Annotated[Path, typer.Option(help="SAM-GAN: the GAN-trained PEFT-SAM to start from.")] = Path("models/sam/best.pt"),
+    params: ParamsOption = Path("params.yaml"),
+    root: DataRootOption = Path("data"),
+    out: ModelOutOption = None,
+    fresh: FreshOption = False,
+) -> None:
+    """Continue training SAM-GAN on labelled real volumes (finetune.volumes); resumes after a kill."""
+    from xctsam.config import load_params
+    from xctsam.train.finetune import VARIANT_NAMES, finetune_real
+
+    if variant not in VARIANT_NAMES:
+        raise typer.BadParameter(f"'{variant}' is not one of {', '.join(VARIANT_NAMES)}", param_hint="--variant")
+    result = finetune_real(load_params(params), root, base, out or Path("models") / f"finetune_{variant}", variant, resume=not fresh)
+    print(f"{VARIANT_NAMES[variant]}: {result.steps} steps -> {result.checkpoint}")
+
+
 # ---------------------------------------------------------------- predict
 @app.command("predict")
 def predict(
@@ -240,6 +259,23 @@ def eval_fid(
 
 def _with_seed(config, seed: int | None):
     return config if seed is None else config.model_copy(update={"seed": seed})
+
+
+@eval_app.command("forgetting")
+def eval_forgetting(
+    model: ModelsOption = ["SAM-GAN=models/sam/best.pt", "SAM-FineReal-Sub=models/finetune_sub/best.pt", "SAM-FineReal=models/finetune_full/best.pt"],  # noqa: B006
+    params: ParamsOption = Path("params.yaml"),
+    root: DataRootOption = Path("data"),
+    out: Annotated[Path, typer.Option(help="Metrics file (JSON).")] = Path("metrics/forgetting.json"),
+) -> None:
+    """IoU after minus before re-fine-tuning (per variant, split, class; mean over splits)."""
+    import json
+
+    from xctsam.config import load_params
+    from xctsam.eval.forgetting import evaluate_forgetting
+
+    report = evaluate_forgetting(load_params(params), root, _named_models(model), out)
+    print(json.dumps({variant: deltas["mean"] for variant, deltas in report["deltas"].items()}, indent=2))
 
 
 @eval_app.command("robustness")

@@ -62,7 +62,7 @@ def read_context(reader: ContextReader, ref: SliceRef, context: int) -> np.ndarr
 
 
 # ---------------------------------------------------------------- validation hold-out
-def _volume_refs(path: Path) -> list[SliceRef]:
+def volume_refs(path: Path) -> list[SliceRef]:
     with Volume(path) as volume:
         if not volume.has_labels:
             raise InputError(path, "volume has no labels", "train and validate on labelled splits only")
@@ -87,9 +87,9 @@ def validation_slices(split_dirs: Iterable[Path], val_volumes: int) -> tuple[lis
                 "add volumes to the split or lower train.<model>.val_volumes",
             )
         for path in volumes[:-val_volumes]:
-            train.extend(_volume_refs(path))
+            train.extend(volume_refs(path))
         for path in volumes[-val_volumes:]:
-            val.extend(_volume_refs(path))
+            val.extend(volume_refs(path))
     return train, val
 
 

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from xctsam.config import Params
 from xctsam.data.datasets import SliceRef, sample_slices
-from xctsam.data.tiles import SegmentationTiles, _volume_refs
+from xctsam.data.tiles import SegmentationTiles, volume_refs
 from xctsam.errors import ConfigError, InputError
 from xctsam.eval.evaluate import eval_split_dirs, labelled_volumes
 from xctsam.hashing import file_sha256
@@ -115,7 +115,7 @@ def finetune_slices(params: Params, data_root: Path, variant: Variant) -> list[S
         ref
         for paths in finetune_volume_paths(params, data_root).values()
         for path in paths
-        for ref in _volume_refs(path)
+        for ref in volume_refs(path)
     ]
     if not refs:
         raise ConfigError("params", PARAMS_KEY, "names no volume: nothing to fine-tune on")
