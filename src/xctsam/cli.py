@@ -32,6 +32,8 @@ _err = Console(stderr=True)
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read.")]
 SeedOption = Annotated[int | None, typer.Option(help="Override params `seed`.")]
 DataRootOption = Annotated[Path, typer.Option("--root", help="Data root holding real/ and synthetic/.")]
+FreshOption = Annotated[bool, typer.Option("--fresh", help="Ignore an existing checkpoint and start over.")]
+ModelOutOption = Annotated[Path | None, typer.Option("--out", help="Model folder (default models/<model>).")]
 SplitsOption = Annotated[list[str] | None, typer.Option("--split", "-s", help="Only this split (repeatable); default all.")]
 
 
@@ -119,7 +121,7 @@ def gan_train(
     root: DataRootOption = Path("data"),
     out: Annotated[Path, typer.Option(help="Folder for checkpoints, the final generator and samples.")] = Path("models/gan"),
     seed: SeedOption = None,
-    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore an existing checkpoint and start over.")] = False,
+    fresh: FreshOption = False,
 ) -> None:
     """Train the CycleGAN on tiles of gan.domain_a and gan.domain_b; resumes from its last checkpoint."""
     from xctsam.config import load_params
@@ -153,8 +155,6 @@ def _train(kind: str, params: Path, root: Path, out: Path | None, seed: int | No
     print(f"{kind}: {result.steps} steps, best validation mIoU {result.best_val_miou:.4f} at step {result.best_step} -> {result.checkpoint}")
 
 
-FreshOption = Annotated[bool, typer.Option("--fresh", help="Ignore an existing checkpoint and start over.")]
-ModelOutOption = Annotated[Path | None, typer.Option("--out", help="Model folder (default models/<model>).")]
 
 
 @train_app.command("sam")
