@@ -45,3 +45,66 @@ def test_stage_run_logs_params_and_tag(tmp_path: Path, monkeypatch: pytest.Monke
     stored = mlflow.get_run(run.info.run_id)
     assert stored.data.params == {"fid.samples": "10"}
     assert stored.data.tags["stage"] == "fid" and stored.data.metrics["fid.Te-1"] == 12.5
+
+
+def _runs(tmp_path: Path) -> list:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    return mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+def test_stages_of_one_execution_share_a_parent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    for execution, stages in (("run-1", ("a", "b")), ("run-2", ("a",))):
+        monkeypatch.setenv("XCTSAM_EXECUTION", execution)
+        for stage in stages:
+            with tracking.stage_run(stage, {"x": 1}):
+                pass
+    runs = _runs(tmp_path)
+    parents = {run.info.run_id: run for run in runs if run.data.tags.get("stage") == "pipeline"}
+    children = [run for run in runs if run.data.tags.get("stage") != "pipeline"]
+    assert len(parents) == 2 and len(children) == 3
+    by_execution = {}
+    for child in children:
+        parent = parents[child.data.tags["mlflow.parentRunId"]]
+        assert parent.data.tags[tracking.EXECUTION_TAG] == child.data.tags[tracking.EXECUTION_TAG]
+        by_execution.setdefault(child.data.tags[tracking.EXECUTION_TAG], []).append(child.data.tags["stage"])
+    assert sorted(by_execution["run-1"]) == ["a", "b"] and by_execution["run-2"] == ["a"]
+
+
+def test_no_parent_outside_a_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("XCTSAM_EXECUTION", "DVC_EXP_NAME", "DVC_STAGE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    with tracking.stage_run("alone"):
+        pass
+    (run,) = _runs(tmp_path)
+    assert "mlflow.parentRunId" not in run.data.tags
+
+
+def test_dvc_repro_gives_one_parent_per_execution(tmp_path: Path) -> None:
+    """Two stages of a real `dvc repro` (separate processes) share one parent; a second repro has its own."""
+    import os
+    import subprocess
+    import sys
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    log = "from xctsam.tracking import stage_run\\nwith stage_run('{name}'): pass"
+    stages = {
+        name: {"cmd": f'{sys.executable} -c "exec(\\"{log.format(name=name)}\\")" && echo {name} > {name}.txt', "outs": [f"{name}.txt"], **({"deps": ["a.txt"]} if name == "b" else {})}
+        for name in ("a", "b")
+    }
+    import yaml
+
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    env = {k: v for k, v in os.environ.items() if k not in ("XCTSAM_EXECUTION", "DVC_EXP_NAME")}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
+    for args in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], [sys.executable, "-m", "dvc", "repro"], [sys.executable, "-m", "dvc", "repro", "--force"]):
+        done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    runs = _runs(tmp_path)
+    children = [run for run in runs if run.data.tags.get("stage") in ("a", "b")]
+    parents = {run.data.tags.get("mlflow.parentRunId") for run in children}
+    assert len(children) == 4 and len(parents) == 2 and None not in parents

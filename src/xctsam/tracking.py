@@ -78,13 +78,93 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+EXECUTION_TAG = "xctsam.execution"
+
+
+def _dvc_ancestor() -> Any | None:
+    """The `dvc` process this stage runs under (DVC runs each stage's cmd in a shell)."""
+    import psutil
+
+    def is_dvc(cmdline: list[str]) -> bool:  # `dvc ...` or `python -m dvc ...`
+        return "dvc" in (Path(part).name for part in cmdline[:2]) or cmdline[1:3] == ["-m", "dvc"]
+
+    process = psutil.Process().parent()
+    try:
+        while process is not None and not is_dvc(process.cmdline()):
+            process = process.parent()
+    except psutil.Error:
+        return None
+    return process
+
+
+def execution_key() -> str | None:
+    """A key every stage of one pipeline execution shares; None outside a pipeline.
+
+    XCTSAM_EXECUTION if set; under `dvc exp run` the experiment's name and baseline; under
+    `dvc repro` the dvc process itself (host, pid and start time: unique per execution).
+    """
+    if os.environ.get("XCTSAM_EXECUTION"):
+        return os.environ["XCTSAM_EXECUTION"]
+    if os.environ.get("DVC_EXP_NAME"):
+        return f"exp:{os.environ['DVC_EXP_NAME']}:{os.environ.get('DVC_EXP_BASELINE_REV', '')}"
+    if os.environ.get("DVC_STAGE") and (dvc := _dvc_ancestor()) is not None:
+        import socket
+
+        return f"repro:{socket.gethostname()}:{dvc.pid}:{dvc.create_time():.3f}"
+    return None
+
+
+def _git_tags(root: Path) -> dict[str, str]:
+    import subprocess
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    return {"git.commit": git("rev-parse", "HEAD"), "git.dirty": str(bool(git("status", "--porcelain", "--untracked-files=no")))}
+
+
+def _pipeline_run(experiment_id: str, key: str) -> str:
+    """Find the execution's parent run by its key, or create it (git tags, params.yaml artifact)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{EXECUTION_TAG}` = '{key}' and tags.stage = 'pipeline'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    root = _outside_dvc_temp(project_root())
+    tags = {EXECUTION_TAG: key, "stage": "pipeline", **_git_tags(root)}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+    run = client.create_run(experiment_id, run_name=f"pipeline {key}"[:120], tags=tags)
+    params_file = project_root() / "params.yaml"
+    if params_file.is_file():
+        import yaml
+
+        for name, value in flatten(yaml.safe_load(params_file.read_text()) or {}).items():
+            client.log_param(run.info.run_id, name, str(value)[:6000])
+        client.log_artifact(run.info.run_id, str(params_file))
+    return run.info.run_id
+
+
 @contextmanager
 def stage_run(stage: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
-    """An MLflow run for one pipeline stage, with its params flattened and a `stage` tag."""
+    """An MLflow run for one pipeline stage, with its params flattened and a `stage` tag.
+
+    Inside a pipeline execution (execution_key) it is a child of that execution's parent run,
+    found or created by the shared key, since every stage runs in a process of its own.
+    """
     import mlflow
 
     experiment_id = configure()
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags={"stage": stage, **dict(tags or {})}) as run:
+    key = execution_key()
+    parent = _pipeline_run(experiment_id, key) if key else None
+    run_tags = {"stage": stage, **dict(tags or {}), **({EXECUTION_TAG: key} if key else {})}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags, parent_run_id=parent) as run:
         if params:
             mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
         yield run
+    if parent is not None:
+        lock = project_root() / "dvc.lock"
+        if lock.is_file():
+            mlflow.MlflowClient().log_artifact(parent, str(lock))
