@@ -89,7 +89,7 @@ def test_help_everywhere() -> None:
         [], ["data"], ["data", "phantoms"], ["data", "simulate"], ["data", "import"], ["data", "info"],
         ["gan"], ["gan", "train"], ["gan", "synthesize"], ["train"], ["train", "sam"], ["train", "unet"],
         ["train", "finetune-real"], ["predict"], ["eval"], ["eval", "fid"], ["eval", "models"],
-        ["eval", "forgetting"], ["eval", "robustness"], ["ui"],
+        ["eval", "forgetting"], ["eval", "robustness"], ["report"], ["ui"],
     )
     for args in ([*command, "--help"] for command in commands):
         result = subprocess.run([sys.executable, "-m", "xctsam.cli", *args], capture_output=True, text=True, timeout=120)

@@ -296,6 +296,20 @@ def eval_robustness(
     print(f"{len(rows)} rows -> {out}; plots in {png_dir}")
 
 
+# ---------------------------------------------------------------- report
+@app.command("report")
+def report(
+    params: ParamsOption = Path("params.yaml"),
+    out: Annotated[Path, typer.Option(help="Folder for study.md, study.html and overlays.")] = Path("reports"),
+) -> None:
+    """reports/study.md and a self-contained study.html: FID, IoU, forgetting, robustness, overlays."""
+    from xctsam.config import load_params
+    from xctsam.report import write_report
+
+    for path in write_report(load_params(params), Path("."), out):
+        print(path)
+
+
 # ---------------------------------------------------------------- ui
 @app.command("ui")
 def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> None:
