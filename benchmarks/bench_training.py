@@ -20,7 +20,8 @@ def _run(variant: str, full: bool, batch: int, image_size: int, tile: int, steps
     import torch
 
     from xctsam.config import SamConfig
-    from xctsam.models.sam_peft import PeftSam, trainable_parameters
+    from xctsam.models.base import trainable_parameters
+    from xctsam.models.sam_peft import PeftSam
 
     torch.manual_seed(0)
     model = PeftSam(SamConfig(variant=variant, image_size=image_size))

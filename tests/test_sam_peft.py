@@ -13,13 +13,13 @@ from torch import nn
 
 from xctsam import NUM_CLASSES
 from xctsam.config import ConvLoraConfig, SamConfig, SmallSamConfig
+from xctsam.models.base import trainable_parameters
 from xctsam.models.conv_lora import ConvLoRAQKV
 from xctsam.models.sam_peft import (
     PER_CLASS_ORDER,
     PeftSam,
     PerClassPeftSam,
     build_peft_sam,
-    trainable_parameters,
 )
 
 TINY = SmallSamConfig(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=8)

@@ -36,6 +36,7 @@ from scipy.signal.windows import gaussian
 from xctsam import NUM_CLASSES
 from xctsam.config import PredictConfig
 from xctsam.data.datasets import IntensityWindow
+from xctsam.data.tiles import context_indices as tile_context
 from xctsam.data.volumes import Volume, VolumeWriter
 from xctsam.device import pick_device
 from xctsam.errors import InputError
@@ -87,9 +88,8 @@ def context_indices(n_slices: int, context: int) -> np.ndarray:
     numpy's own 'reflect' padding of the index range defines the mirroring (z=-1 -> z=1, and
     repeatedly for contexts wider than the volume).
     """
-    half = context // 2
-    padded = np.pad(np.arange(n_slices), half, mode="reflect" if n_slices > 1 else "edge")
-    return np.lib.stride_tricks.sliding_window_view(padded, context)
+    # one mirroring rule for training tiles and inference: data.tiles.context_indices
+    return np.stack([tile_context(z, n_slices, context) for z in range(n_slices)])
 
 
 # ---------------------------------------------------------------- streaming inputs

@@ -57,3 +57,10 @@ class MulticlassSegmenter(Segmenter):
 
     def to_labels(self, probabilities: torch.Tensor) -> torch.Tensor:
         return probabilities.argmax(dim=1)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, int | float]:
+    """{trainable, total, share}: parameter counts and the trainable share of the whole model."""
+    total = sum(parameter.numel() for parameter in model.parameters())
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    return {"trainable": trainable, "total": total, "share": trainable / total if total else 0.0}

@@ -104,15 +104,6 @@ def _make_decoder_trainable(sam: Sam, masks: int) -> None:
         unused.requires_grad_(False)
 
 
-def trainable_parameters(model: nn.Module) -> dict[str, int | float]:
-    """{trainable, total, share}: parameter counts and the trainable share of the whole model."""
-    total = sum(parameter.numel() for parameter in model.parameters())
-    trainable = sum(
-        parameter.numel() for parameter in model.parameters() if parameter.requires_grad
-    )
-    return {"trainable": trainable, "total": total, "share": trainable / total if total else 0.0}
-
-
 # ---------------------------------------------------------------- the two layouts
 class _ConvLoraSegmenter(Segmenter):
     """Loss settings and the balance loss shared by both layouts."""

@@ -8,6 +8,7 @@ from xctsam.config import Params
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.tiles import SegmentationTiles, validation_slices
 from xctsam.hashing import folders_digest
+from xctsam.models.base import trainable_parameters
 from xctsam.models.factory import ModelKind, build_segmenter, model_meta
 from xctsam.train.loop import TrainResult, process_rank, train_segmenter, whole_slice_batches
 
@@ -17,7 +18,6 @@ def train_model(kind: ModelKind, params: Params, data_root: Path, out_dir: Path,
     import mlflow
 
     from xctsam import tracking
-    from xctsam.models.sam_peft import trainable_parameters
 
     config = getattr(params.train, kind)
     split_dirs = [Path(data_root) / split for split in config.splits]
