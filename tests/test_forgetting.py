@@ -132,11 +132,20 @@ def test_overlap_is_refused_naming_the_key_and_volume(project: tuple[Params, Pat
     )  # no overlap: no error
 
 
-def test_split_left_without_evaluation_volumes_is_refused(project: tuple[Params, Path]) -> None:
+def test_split_wholly_finetuned_on_is_left_out_of_forgetting(project: tuple[Params, Path]) -> None:
     params, root = project
-    greedy = _with_finetune_volumes(params, {"real/Te-1": ["v0.h5", "v1.h5"]})
-    with pytest.raises(ConfigError, match="finetune.volumes.*real/Te-1"):
-        evaluation_volumes(greedy, root)
+    whole_split = _with_finetune_volumes(params, {"real/Te-1": ["v0.h5", "v1.h5"]})
+    volumes = evaluation_volumes(whole_split, root)
+    assert {folder: [path.name for path in paths] for folder, paths in volumes.items()} == {
+        "real/Te-2": ["v0.h5", "v1.h5"]
+    }
+
+
+def test_no_split_left_to_evaluate_is_refused(project: tuple[Params, Path]) -> None:
+    params, root = project
+    everything = {"real/Te-1": ["v0.h5", "v1.h5"], "real/Te-2": ["v0.h5", "v1.h5"]}
+    with pytest.raises(ConfigError, match="finetune.volumes.*none is left"):
+        evaluation_volumes(_with_finetune_volumes(params, everything), root)
 
 
 def test_unknown_finetune_volume_is_named(project: tuple[Params, Path]) -> None:

@@ -108,3 +108,40 @@ def test_dvc_repro_gives_one_parent_per_execution(tmp_path: Path) -> None:
     children = [run for run in runs if run.data.tags.get("stage") in ("a", "b")]
     parents = {run.data.tags.get("mlflow.parentRunId") for run in children}
     assert len(children) == 4 and len(parents) == 2 and None not in parents
+
+
+def test_parent_is_tagged_with_the_data_hashes_of_dvc_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    lock = {
+        "schema": "2.0",
+        "stages": {
+            "simulate@Te-1": {"cmd": "x", "outs": [{"path": "data/real/Te-1", "hash": "md5", "md5": "abc.dir"}]},
+            "train_sam": {"cmd": "y", "outs": [{"path": "models/sam", "hash": "md5", "md5": "def.dir"}]},
+        },
+    }
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("XCTSAM_EXECUTION", "run-1")
+    with tracking.stage_run("evaluate"):
+        pass
+    (parent,) = [run for run in _runs(tmp_path) if run.data.tags.get("stage") == "pipeline"]
+    assert parent.data.tags["data.data/real/Te-1"] == "abc.dir"
+    assert not any(key.startswith("data.models") for key in parent.data.tags)
+
+
+def test_parent_holds_each_stage_final_metrics_prefixed_by_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("XCTSAM_EXECUTION", "run-1")
+    for model, value in (("sam", 0.5), ("unet", 0.7)):
+        with tracking.stage_run(f"evaluate.{model}", tags={"model": model}):
+            mlflow.log_metric("iou.Te-1.pore", value - 0.1, step=0)
+            mlflow.log_metric("iou.Te-1.pore", value, step=1)  # the final value is rolled up
+    with tracking.stage_run("fid"):
+        mlflow.log_metric("fid.Te-1", 12.5)
+    (parent,) = [run for run in _runs(tmp_path) if run.data.tags.get("stage") == "pipeline"]
+    assert parent.data.metrics == {"sam.iou.Te-1.pore": 0.5, "unet.iou.Te-1.pore": 0.7, "fid.Te-1": 12.5}

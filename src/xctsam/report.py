@@ -187,13 +187,13 @@ def write_overlays(params: Params, data_root: Path, models: Mapping[str, Path], 
 
 
 # ---------------------------------------------------------------- sections
-def build_sections(params: Params, root: Path, out_dir: Path, models: Mapping[str, Path]) -> list[Section]:
+def build_sections(params: Params, root: Path, out_dir: Path, models: Mapping[str, Path], data_root: Path) -> list[Section]:
     fid = read_json(root / "metrics" / "fid.json")
     evaluation = read_json(root / "metrics" / "eval.json")
     forgetting = read_json(root / "metrics" / "forgetting.json")
     order = split_order(fid, [split_name(folder) for folder in params.eval.splits])
     robustness_pngs = sorted((root / "reports" / "robustness").glob("*.png"))
-    overlays = write_overlays(params, root / "data", models, out_dir)
+    overlays = write_overlays(params, data_root, models, out_dir)
     return [
         Section("FID to the training set", note=_fid_note(fid), table=fid_table(fid) if fid else None),
         Section("IoU per class: SAM-GAN vs U-Net", note="" if evaluation else NOT_RUN, table=iou_table(evaluation, order) if evaluation else None),
@@ -253,18 +253,21 @@ def write_report(
     out_dir: Path = Path("reports"),
     models: dict[str, Path] | None = None,
     *,
+    data_root: Path | None = None,
     log_mlflow: bool = True,
 ) -> tuple[Path, Path]:
     """Write out_dir/study.md, out_dir/study.html and out_dir/overlays/*.png; return (md, html).
 
-    `root` is the project folder holding metrics/, plots/, reports/robustness/, data/ and
-    models/; a relative `out_dir` or model path is taken relative to it. `models` maps
-    eval.json keys ("sam", "unet") to checkpoints; by default models/<key>/best.pt.
+    `root` is the project folder holding metrics/, plots/, reports/robustness/ and models/; a
+    relative `out_dir`, model path or `data_root` is taken relative to it. `models` maps
+    eval.json keys ("sam", "unet") to checkpoints; by default models/<key>/best.pt. `data_root`
+    holds the split folders the overlays are drawn from; by default params `study.root`.
     """
     root = Path(root)
+    data_root = root / (params.study.root if data_root is None else data_root)
     out_dir = root / out_dir
     models = {key: root / path for key, path in (default_models(root) if models is None else models).items()}
-    sections = build_sections(params, root, out_dir, models)
+    sections = build_sections(params, root, out_dir, models, data_root)
     md_path, html_path = out_dir / "study.md", out_dir / "study.html"
     write_text_atomic(md_path, render_markdown(sections, out_dir))
     write_text_atomic(html_path, render_html(sections))

@@ -9,6 +9,7 @@ store. MLFLOW_TRACKING_URI (a team server) overrides it. Metric keys follow DESI
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,6 +125,34 @@ def _git_tags(root: Path) -> dict[str, str]:
     return {"git.commit": git("rev-parse", "HEAD"), "git.dirty": str(bool(git("status", "--porcelain", "--untracked-files=no")))}
 
 
+def data_hashes(lock: Path) -> dict[str, str]:
+    """{"data.<path>": hash} of every output under data/ that dvc.lock records.
+
+    Each stage tags its execution's parent run with these: a stage sees the lock as DVC left it
+    after the stages before it, so by the last stage the parent names the data it ran on.
+    """
+    import yaml
+
+    if not lock.is_file():
+        return {}
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
+    return {
+        f"data.{out['path']}": str(out.get("md5") or out.get("hash") or "")
+        for stage in stages.values()
+        for out in stage.get("outs", [])
+        if str(out.get("path", "")).startswith("data/")
+    }
+
+
+def _tag_parent(run_id: str, tags: Mapping[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    if tags:
+        import mlflow
+
+        mlflow.MlflowClient().log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+
+
 def _pipeline_run(experiment_id: str, key: str) -> str:
     """Find the execution's parent run by its key, or create it (git tags, params.yaml artifact)."""
     import mlflow
@@ -159,12 +188,38 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None, tags: Mapping
     experiment_id = configure()
     key = execution_key()
     parent = _pipeline_run(experiment_id, key) if key else None
+    if parent is not None:
+        _tag_parent(parent, data_hashes(project_root() / "dvc.lock"))
     run_tags = {"stage": stage, **dict(tags or {}), **({EXECUTION_TAG: key} if key else {})}
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags, parent_run_id=parent) as run:
         if params:
             mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
         yield run
     if parent is not None:
+        _roll_up(run.info.run_id, parent)
         lock = project_root() / "dvc.lock"
         if lock.is_file():
             mlflow.MlflowClient().log_artifact(parent, str(lock))
+
+
+def parent_metric_key(metric: str, model: str | None) -> str:
+    """A stage's metric as its parent holds it: prefixed with the model it scores, if any."""
+    return f"{model}.{metric}" if model else metric
+
+
+def _roll_up(child_id: str, parent_id: str) -> None:
+    """Copy a finished stage run's final metric values onto its execution's parent run.
+
+    The parent then holds every headline figure next to every param, so the UI's compare view
+    lines up whole executions (two `dvc exp run`s) without opening their children.
+    """
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient()
+    child = client.get_run(child_id)
+    model = child.data.tags.get("model")
+    now = int(time.time() * 1000)
+    metrics = [Metric(parent_metric_key(key, model), value, now, 0) for key, value in child.data.metrics.items()]
+    for start in range(0, len(metrics), 1000):  # MLflow's batch limit
+        client.log_batch(parent_id, metrics=metrics[start : start + 1000])

@@ -14,7 +14,7 @@ forgetting is measured on, and must not be looked at), so the loop validates on
 checkpoint is therefore the epoch that fits the fine-tuning data best, not a held-out score.
 
 Overlap: forgetting is measured on `evaluation_volumes`, every labelled volume of
-`eval.splits` not named in `finetune.volumes`. The unit is the volume, not the slice: the Sub
+`eval.splits` not named in `finetune.volumes` (a split with none left is not scored). The unit is the volume, not the slice: the Sub
 variant's unused slices of a fine-tuning volume are not evaluated either (2.5D tiles read
 their neighbours, and both variants must be scored on the same data). `check_no_overlap`
 refuses any fine-tuning volume among the evaluation volumes; the fine-tuned checkpoint
@@ -65,7 +65,8 @@ def _same_file_key(path: Path) -> Path:
 def evaluation_volumes(params: Params, data_root: Path) -> dict[str, list[Path]]:
     """{split folder: [labelled volume path]} of eval.splits, minus every fine-tuning volume.
 
-    A split left with no volume to score is refused: its forgetting could not be measured.
+    A split whose every volume is fine-tuned on is left out (a release with one scan per split
+    fine-tunes on whole splits and measures forgetting on the others); none left is refused.
     """
     tuned = {
         _same_file_key(path)
@@ -80,13 +81,14 @@ def evaluation_volumes(params: Params, data_root: Path) -> dict[str, list[Path]]
             for path in labelled_volumes(Path(data_root) / folder)
             if _same_file_key(path) not in tuned
         ]
-        if not kept:
-            raise ConfigError(
-                "params",
-                PARAMS_KEY,
-                f"takes every labelled volume of {folder}: none is left to measure forgetting on",
-            )
-        remaining[folder] = kept
+        if kept:
+            remaining[folder] = kept
+    if not remaining:
+        raise ConfigError(
+            "params",
+            PARAMS_KEY,
+            "takes every labelled volume of eval.splits: none is left to measure forgetting on",
+        )
     return remaining
 
 
