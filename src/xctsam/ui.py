@@ -22,9 +22,14 @@ def serve(port: int = 5000) -> int:
     """Run the UI until Ctrl-C (or SIGTERM); returns the exit code."""
     tracking.configure()  # creates the store and experiment, so a fresh project shows them
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return run_server(ui_command(port, tracking.tracking_uri()), env, f"MLflow UI: http://127.0.0.1:{port}  (store {tracking.tracking_uri()}); Ctrl-C stops it")
+
+
+def run_server(command: list[str], env: dict[str, str], banner: str) -> int:
+    """Run a local web server until Ctrl-C (or SIGTERM) stops it and its workers; returns the exit code."""
     # its own process group, so stopping reaches the server's worker processes too
-    server = subprocess.Popen(ui_command(port, tracking.tracking_uri()), env=env, start_new_session=True)
-    print(f"MLflow UI: http://127.0.0.1:{port}  (store {tracking.tracking_uri()}); Ctrl-C stops it", flush=True)
+    server = subprocess.Popen(command, env=env, start_new_session=True)
+    print(banner, flush=True)
     stop = {"requested": False}
 
     def _stop(signum: int, frame: object) -> None:

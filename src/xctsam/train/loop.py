@@ -78,6 +78,7 @@ POLY_POWER = 0.9
 ArrayLike = np.ndarray | torch.Tensor
 ValidationSource = Sequence[tuple[ArrayLike, ArrayLike]] | Callable[[], Iterable[tuple[ArrayLike, ArrayLike]]]
 MetricsLogger = Callable[[dict[str, float], int], None]
+EpochHook = Callable[[dict[str, float], int], None]  # (validation scores, step); may raise to stop training
 
 
 class TileSource(Protocol):
@@ -471,6 +472,7 @@ class Run:
     model_meta: Mapping[str, Any]
     log_metrics: MetricsLogger
     log_every: int
+    on_epoch: EpochHook | None = None
 
     def report(self, metrics: dict[str, float], step: int) -> None:
         if self.runtime.is_main:
@@ -484,6 +486,8 @@ class Run:
                 save_segmenter_checkpoint(self.out_dir / BEST, self.trainer.model, self.model_meta, self.best_facts(book))
             self.report({**scores, "epoch": float(len(book.history))}, book.step)
             log.info("step %d: val.miou %.4f (best %.4f at step %s)", book.step, scores["val.miou"], _best_miou(book), book.best_step)
+            if self.on_epoch is not None:  # e.g. a hyperparameter search reporting to its pruner
+                self.on_epoch(dict(scores), book.step)
         return self.runtime.broadcast(book)
 
     def best_facts(self, book: Book) -> dict[str, Any]:
@@ -555,6 +559,7 @@ def train_segmenter(
     stop_after: int | None = None,
     log_every: int = LOG_EVERY,
     runtime: Runtime | None = None,
+    on_epoch: EpochHook | None = None,
 ) -> TrainResult:
     """Train `model` on `sampler`'s tiles, validating on whole slices, into `out_dir`.
 
@@ -565,7 +570,9 @@ def train_segmenter(
     `config` and `seed` (add a data hash to it to retrain when the data change).
     log_metrics(metrics, step): e.g. mlflow.log_metrics; train.* every `log_every` steps,
     val.* per epoch. stop_after: end the call (saving last.pt) once that many steps are done,
-    as a kill would, but cleanly (a test hook). The model is moved to the device in place.
+    as a kill would, but cleanly (a test hook). on_epoch(scores, step): called on rank 0 after
+    each validation; an exception it raises (e.g. optuna.TrialPruned) ends training there and
+    propagates, leaving the last periodic checkpoint. The model is moved to the device in place.
     """
     out_dir = Path(out_dir)
     own_runtime = runtime is None
@@ -575,7 +582,7 @@ def train_segmenter(
         if resume and (done := finished_result(out_dir, training_id)) is not None:
             log.info("%s: training already finished (%d steps); nothing to do", out_dir, done.steps)
             return done
-        run = Run(Trainer(model, config, runtime), sampler, val_batches, config, runtime, out_dir, training_id, dict(model_meta), log_metrics or (lambda metrics, step: None), log_every)
+        run = Run(Trainer(model, config, runtime), sampler, val_batches, config, runtime, out_dir, training_id, dict(model_meta), log_metrics or (lambda metrics, step: None), log_every, on_epoch)
         with deterministic_on_cpu(runtime.device):
             book = _start(run, resume, seed)
             began, start = time.perf_counter(), book.step

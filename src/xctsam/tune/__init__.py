@@ -1,0 +1,1 @@
+"""Hyperparameter search with Optuna: search space, objective, study and workers, MLflow runs."""
