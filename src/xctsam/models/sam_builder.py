@@ -157,6 +157,11 @@ def describe_architecture(model: Sam) -> str:
 
 
 # ---------------------------------------------------------------- checkpoint file
+def has_official_name(path: Path) -> bool:
+    """True for names of the official form (sam_vit_b_01ec64.pth), whose hash is checked on load."""
+    return _HASH_SUFFIX.search(Path(path).stem) is not None
+
+
 def _check_hash(path: Path) -> tuple[str, str]:
     """(sha256, 'verified' | 'unverified'); InputError when the name's hash prefix disagrees."""
     sha256 = file_sha256(path)

@@ -50,6 +50,22 @@ PAINT_THRESHOLD = 0.5
 
 
 # ---------------------------------------------------------------- one adapted SAM
+def sam_input(sam: Sam, images: torch.Tensor) -> torch.Tensor:
+    """(B, 1, h, w) grey in [0, 1] -> SAM's normalised (B, 3, S, S) input, S = its image size.
+
+    Shared by PEFT-SAM and the promptable (pretraining, zero-shot) uses of one `Sam`, so every
+    path feeds the encoder the same way.
+    """
+    if images.dim() != 4 or images.shape[1] != 1:
+        raise ValueError(f"expected (B, 1, H, W) grey tiles, got shape {tuple(images.shape)}")
+    size = (sam.image_encoder.img_size, sam.image_encoder.img_size)
+    if images.shape[-2:] != size:
+        # a square resize fills SAM's whole input, so SAM's bottom-right padding is not needed
+        images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+    rgb = (images * PIXEL_RANGE).expand(-1, 3, -1, -1)
+    return (rgb - sam.pixel_mean) / sam.pixel_std
+
+
 class PromptFreeSam(nn.Module):
     """Conv-LoRA SAM without prompts: (B, 1, h, w) in [0, 1] -> (B, masks, h, w) mask logits."""
 
@@ -69,14 +85,7 @@ class PromptFreeSam(nn.Module):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, h, w) in [0, 1] -> SAM's normalised (B, 3, S, S) input, S = image_size."""
-        if images.dim() != 4 or images.shape[1] != 1:
-            raise ValueError(f"expected (B, 1, H, W) grey tiles, got shape {tuple(images.shape)}")
-        size = (self.image_size, self.image_size)
-        if images.shape[-2:] != size:
-            # a square resize fills SAM's whole input, so SAM's bottom-right padding is not needed
-            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-        rgb = (images * PIXEL_RANGE).expand(-1, 3, -1, -1)
-        return (rgb - self.sam.pixel_mean) / self.sam.pixel_std
+        return sam_input(self.sam, images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         embeddings = self.sam.image_encoder(self.preprocess(images))

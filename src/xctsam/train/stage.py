@@ -2,15 +2,58 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from xctsam.config import Params
+from xctsam.config import Params, TrainConfig
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.tiles import SegmentationTiles, validation_slices
 from xctsam.hashing import folders_digest
-from xctsam.models.base import trainable_parameters
+from xctsam.models.base import Segmenter, trainable_parameters
 from xctsam.models.factory import ModelKind, build_segmenter, model_meta
-from xctsam.train.loop import TrainResult, process_rank, train_segmenter, whole_slice_batches
+from xctsam.train.loop import (
+    TrainResult,
+    ValidationSource,
+    process_rank,
+    train_segmenter,
+    whole_slice_batches,
+)
+
+
+@dataclass
+class Prepared:
+    """Everything one training needs, built from params and the data (no MLflow involved)."""
+
+    model: Segmenter
+    sampler: SegmentationTiles  # a context manager: enter it around the training
+    validation: ValidationSource
+    config: TrainConfig
+    meta: dict[str, Any]
+    logged: dict[str, Any]  # what an MLflow run records as params
+
+    def model_counts(self) -> dict[str, float]:
+        counts = trainable_parameters(self.model)
+        return {"model.trainable_params": counts["trainable"], "model.total_params": counts["total"], "model.trainable_share": counts["share"]}
+
+
+def prepare_training(kind: ModelKind, params: Params, data_root: Path) -> Prepared:
+    """Model, tile sampler and held-out validation slices for params.train.<kind>."""
+    config = getattr(params.train, kind)
+    split_dirs = [Path(data_root) / split for split in config.splits]
+    train_refs, val_refs = validation_slices(split_dirs, config.val_volumes)
+    window = IntensityWindow.measure(train_refs, seed=params.seed)
+    model = build_segmenter(kind, params)
+    # the data's content is part of the model's identity: new data, new training
+    meta = {**model_meta(kind, params, window), "data": folders_digest(split_dirs)}
+    if kind == "sam":  # the foundation's content too: a new stand-in (same path) means a new training
+        from xctsam.pretrain.foundation import describe_foundation
+
+        meta["foundation"] = describe_foundation(params.sam)
+    sampler = SegmentationTiles(train_refs, window, config.tile, model.context, config.oversample, params.seed + process_rank())
+    validation = whole_slice_batches(val_refs, window, model.context, config.val_slices, params.seed)
+    logged = {kind: meta["config"], "train": config.model_dump(mode="json"), "seed": params.seed}
+    return Prepared(model, sampler, validation, config, meta, logged)
 
 
 def train_model(kind: ModelKind, params: Params, data_root: Path, out_dir: Path, *, resume: bool = True) -> TrainResult:
@@ -19,20 +62,10 @@ def train_model(kind: ModelKind, params: Params, data_root: Path, out_dir: Path,
 
     from xctsam import tracking
 
-    config = getattr(params.train, kind)
-    split_dirs = [Path(data_root) / split for split in config.splits]
-    train_refs, val_refs = validation_slices(split_dirs, config.val_volumes)
-    window = IntensityWindow.measure(train_refs, seed=params.seed)
-    model = build_segmenter(kind, params)
-    # the data's content is part of the model's identity: new data, new training
-    meta = {**model_meta(kind, params, window), "data": folders_digest(split_dirs)}
-    sampler = SegmentationTiles(train_refs, window, config.tile, model.context, config.oversample, params.seed + process_rank())
-    validation = whole_slice_batches(val_refs, window, model.context, config.val_slices, params.seed)
-    logged = {kind: meta["config"], "train": config.model_dump(mode="json"), "seed": params.seed}
-    with sampler, tracking.stage_run(f"train_{kind}", logged, tags={"model": kind}):
-        counts = trainable_parameters(model)
-        mlflow.log_metrics({"model.trainable_params": counts["trainable"], "model.total_params": counts["total"], "model.trainable_share": counts["share"]})
+    job = prepare_training(kind, params, data_root)
+    with job.sampler, tracking.stage_run(f"train_{kind}", job.logged, tags={"model": kind, **job.meta.get("foundation", {})}):
+        mlflow.log_metrics(job.model_counts())
         return train_segmenter(
-            model, sampler, validation, config, out_dir, seed=params.seed, model_meta=meta, resume=resume,
+            job.model, job.sampler, job.validation, job.config, out_dir, seed=params.seed, model_meta=job.meta, resume=resume,
             log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
         )
