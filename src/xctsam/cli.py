@@ -25,6 +25,10 @@ app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 app.add_typer(gan_app, name="gan")
 app.add_typer(eval_app, name="eval")
+params_app = typer.Typer(help="Change params.yaml from the command line (comments and layout kept).", no_args_is_help=True)
+app.add_typer(params_app, name="params")
+tune_app = typer.Typer(help="Hyperparameter search (Optuna): run, show, apply the best values, dashboard.", no_args_is_help=True)
+app.add_typer(tune_app, name="tune")
 
 _state = {"debug": False}
 _err = Console(stderr=True)
@@ -169,6 +173,22 @@ def train_unet(params: ParamsOption = Path("params.yaml"), root: DataRootOption 
     _train("unet", params, root, out, seed, fresh)
 
 
+@train_app.command("pretrain")
+def train_pretrain(
+    params: ParamsOption = Path("params.yaml"),
+    out: Annotated[Path, typer.Option("--out", help="Stand-in checkpoint (.pth); a sidecar .json is written beside it.")] = Path("models/sam_small_pretrained.pth"),
+    state: Annotated[Path | None, typer.Option(help="Resume state file (default: <out>.state.pt).")] = None,
+    fresh: FreshOption = False,
+) -> None:
+    """Pretrain the small SAM, promptable, on generic shapes (params pretrain): the stand-in foundation."""
+    from xctsam.config import load_params
+    from xctsam.pretrain.train import pretrain_sam
+
+    result = pretrain_sam(load_params(params), out, state_path=state, resume=not fresh)
+    heldout = result.summary["heldout"]
+    print(f"stand-in SAM: {result.steps} steps, held-out promptable mIoU box {heldout['heldout.miou_box']:.4f} point {heldout['heldout.miou_point']:.4f} -> {result.checkpoint}")
+
+
 @train_app.command("finetune-real")
 def train_finetune_real(
     variant: Annotated[str, typer.Option(help="sub: SAM-FineReal-Sub (finetune.sub_fraction of the slices); full: SAM-FineReal.")] = "full",
@@ -240,6 +260,23 @@ def eval_models(
     print(json.dumps({"miou": report["miou"]}, indent=2))
 
 
+@eval_app.command("zero-shot")
+def eval_zero_shot(
+    params: ParamsOption = Path("params.yaml"),
+    root: DataRootOption = Path("data"),
+    out: Annotated[Path, typer.Option(help="Metrics file (JSON, laid out like eval.json).")] = Path("metrics/zero_shot.json"),
+    checkpoint: Annotated[Path | None, typer.Option(help="Pretrained SAM to score (default: params sam.checkpoint).")] = None,
+) -> None:
+    """A pretrained SAM with a box per ground-truth component, before any XCT training."""
+    import json
+
+    from xctsam.config import load_params
+    from xctsam.pretrain.zero_shot import zero_shot
+
+    report = zero_shot(load_params(params), root, out, checkpoint=checkpoint)
+    print(json.dumps({"miou": report["miou"]}, indent=2))
+
+
 @eval_app.command("fid")
 def eval_fid(
     params: ParamsOption = Path("params.yaml"),
@@ -301,13 +338,31 @@ def eval_robustness(
 def report(
     params: ParamsOption = Path("params.yaml"),
     out: Annotated[Path, typer.Option(help="Folder for study.md, study.html and overlays.")] = Path("reports"),
+    root: Annotated[Path | None, typer.Option("--root", help="Data root for the overlays (default: params study.root).")] = None,
 ) -> None:
     """reports/study.md and a self-contained study.html: FID, IoU, forgetting, robustness, overlays."""
     from xctsam.config import load_params
     from xctsam.report import write_report
 
-    for path in write_report(load_params(params), Path("."), out):
+    for path in write_report(load_params(params), Path("."), out, data_root=root):
         print(path)
+
+
+# ---------------------------------------------------------------- params
+@params_app.command("apply")
+def params_apply(
+    overlay: Annotated[Path, typer.Argument(help="YAML of dotted keys and their new values, e.g. configs/real-samgan.yaml.")],
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Set every key the overlay lists in params.yaml; the result is validated before it is written."""
+    from xctsam.params_file import apply_overlay
+
+    def short(value: object) -> str:  # a whole section would flood the terminal
+        text = str(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    for key, (before, after) in apply_overlay(params, overlay).items():
+        print(f"{key}: {short(before)} -> {short(after)}")
 
 
 # ---------------------------------------------------------------- ui
@@ -317,6 +372,100 @@ def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> 
     from xctsam.ui import serve
 
     raise typer.Exit(serve(port))
+
+
+# ---------------------------------------------------------------- tune
+StudyOption = Annotated[str | None, typer.Option("--study-name", help="Study name (default xctsam-<tune.model>); the same name continues a study.")]
+StorageOption = Annotated[str | None, typer.Option("--storage", help="Optuna storage URL, e.g. postgresql://user@host/db (default: SQLite tune/optuna.db).")]
+
+
+def _study_name(name: str | None, params: Path) -> str:
+    from xctsam.config import load_params
+
+    return name or f"xctsam-{load_params(params).tune.model}"
+
+
+@tune_app.command("run")
+def tune_run(
+    params: ParamsOption = Path("params.yaml"),
+    root: DataRootOption = Path("data"),
+    study_name: StudyOption = None,
+    storage: StorageOption = None,
+    n_trials: Annotated[int | None, typer.Option("--n-trials", min=1, help="The study's total of finished trials, across workers and reruns (default tune.n_trials).")] = None,
+    timeout: Annotated[float | None, typer.Option(min=0, help="Seconds after which no new trial starts.")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Local worker processes sharing the study.")] = 1,
+    seed: SeedOption = None,
+    worker_index: Annotated[int | None, typer.Option(help="Offsets the sampler seed per host (default $SLURM_ARRAY_TASK_ID or 0).")] = None,
+) -> None:
+    """Search params tune.space: each trial trains on tune.trial settings, scored on held-out validation slices."""
+    import os
+
+    from xctsam.tune.study import WorkerSpec, run_workers, study_summary
+
+    index = worker_index if worker_index is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", "0") or 0)
+    spec = WorkerSpec(params, root, _study_name(study_name, params), storage, n_trials, timeout, seed, index)
+    code = run_workers(spec, workers)
+    summary = study_summary(spec)
+    best = summary["best"]
+    states = ", ".join(f"{count} {state.lower()}" for state, count in sorted(summary["states"].items()))
+    print(f"study {spec.study_name} ({summary['storage']}): {states}")
+    if best is not None:
+        print(f"best: trial {best['number']} value {best['value']:.4f} {best['params']}")
+    if code:
+        raise typer.Exit(code)
+
+
+@tune_app.command("show")
+def tune_show(
+    params: ParamsOption = Path("params.yaml"),
+    study_name: StudyOption = None,
+    storage: StorageOption = None,
+    top: Annotated[int, typer.Option(min=1, help="Trials in the table.")] = 10,
+) -> None:
+    """Best trials as a table, trial states and parameter importances."""
+    from rich.console import Console
+
+    from xctsam.tune.results import best_trials_table, importances, load_study, state_counts
+
+    study = load_study(_study_name(study_name, params), storage)
+    console = Console()
+    console.print(best_trials_table(study, top))
+    console.print("trials: " + ", ".join(f"{count} {state.lower()}" for state, count in sorted(state_counts(study).items())))
+    weights = importances(study)
+    if weights:
+        console.print("importance: " + ", ".join(f"{key} {weight:.2f}" for key, weight in weights.items()))
+    else:
+        console.print("importance: needs at least 2 complete trials with different values")
+
+
+@tune_app.command("apply")
+def tune_apply(
+    params: ParamsOption = Path("params.yaml"),
+    study_name: StudyOption = None,
+    storage: StorageOption = None,
+    trial: Annotated[int | None, typer.Option("--trial", help="Apply this trial's values instead of the best's.")] = None,
+) -> None:
+    """Write the best trial's values into params.yaml (comments and layout kept) for the next `dvc repro`."""
+    from xctsam.params_file import update_params_file
+    from xctsam.tune.results import chosen_values, load_study
+
+    study = load_study(_study_name(study_name, params), storage)
+    number, values = chosen_values(study, trial)
+    previous = update_params_file(params, values)
+    for key, value in values.items():
+        print(f"{key}: {previous[key]} -> {value}")
+    print(f"{params}: trial {number}'s values written; `dvc repro` retrains what depends on them")
+
+
+@tune_app.command("dashboard")
+def tune_dashboard(
+    storage: StorageOption = None,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8080,
+) -> None:
+    """Start optuna-dashboard on the study storage (127.0.0.1); Ctrl-C stops it."""
+    from xctsam.tune.dashboard import serve
+
+    raise typer.Exit(serve(storage, port))
 
 
 # ---------------------------------------------------------------- entry point

@@ -7,11 +7,12 @@ instead of being silently ignored. Stage code receives these objects, never raw 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from xctsam import CLASS_NAMES
 from xctsam.data.materials import MATERIALS
 from xctsam.errors import ConfigError, InputError
 
@@ -241,6 +242,42 @@ class SamConfig(StrictModel):
     layout: Literal["multiclass", "per_class"] = "multiclass"
 
 
+# ---------------------------------------------------------------- stand-in SAM foundation
+class PretrainConfig(StrictModel):
+    """Promptable pretraining of the small SAM on a generic shapes corpus (`xctsam train pretrain`).
+
+    A section of its own, apart from `sam.lora` and `train`, so the DVC stage that makes the
+    stand-in foundation reruns only when these keys (or sam.small / sam.image_size) change.
+    """
+
+    # names of stand-in checkpoints the pipeline makes (models/<name>.pth); [] at paper scale,
+    # where sam.checkpoint names an official file and the pretrain stage disappears
+    stand_ins: list[str] = ["sam_small_pretrained"]
+    seed: int = 0
+    steps: Annotated[int, Field(ge=1)] = 500
+    batch: Annotated[int, Field(ge=1)] = 2  # images per step
+    prompts: Annotated[int, Field(ge=1)] = 4  # objects prompted per image per step (decoder cost grows with it)
+    objects: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (4, 14)  # per image
+    min_area: Annotated[int, Field(ge=1)] = 12  # pixels: smaller visible parts are not objects
+    box_share: Fraction = 0.5  # share of prompts that are boxes (the rest single points)
+    box_jitter: Fraction = 0.1  # box corners moved by N(0, jitter x side), at most 20 px, as in SAM
+    lr: PositiveFloat = 4e-4
+    weight_decay: NonNegativeFloat = 0.05
+    warmup_steps: Annotated[int, Field(ge=0)] = 50
+    grad_clip: PositiveFloat = 1.0
+    focal_weight: NonNegativeFloat = 20.0  # SAM's 20:1 focal:dice mask loss
+    dice_weight: NonNegativeFloat = 1.0
+    iou_weight: NonNegativeFloat = 1.0  # MSE of the predicted against the real mask IoU
+    heldout_images: Annotated[int, Field(ge=1)] = 32  # seeded images apart from training, scored at the end
+    checkpoint_every: Annotated[int, Field(ge=1)] = 50
+
+    @model_validator(mode="after")
+    def _ordered_objects(self) -> PretrainConfig:
+        if self.objects[0] > self.objects[1]:
+            raise ValueError("objects: min greater than max")
+        return self
+
+
 # ---------------------------------------------------------------- 2.5D U-Net
 class UNetConfig(StrictModel):
     context: Annotated[int, Field(ge=1)] = 5  # adjacent slices as input channels (odd; edges reflected)
@@ -335,8 +372,75 @@ class FidConfig(StrictModel):
         return self
 
 
+class StudyConfig(StrictModel):
+    """Where the study's stages read their splits (dvc.yaml passes these to every stage).
+
+    Embedded default: the simulated splits under data/, the CycleGAN making the training split.
+    Real-data mode: `root` is an imported dataset (data/imported/<name>) whose training split is
+    already GAN-translated, and `gan` is empty so the CycleGAN stages do not exist.
+    """
+
+    root: Path = Path("data")  # holds real/<Te-N> and synthetic/<training split>
+    gan: list[Literal["cyclegan"]] = ["cyclegan"]  # [] removes gan_train and synthesize
+
+
+# ---------------------------------------------------------------- hyperparameter search
+TUNE_METRICS = ("val.miou", *(f"val.iou.{name}" for name in CLASS_NAMES))  # scores of the held-out validation slices
+SearchValue = bool | int | float | str
+
+
+class SearchDimension(StrictModel):
+    """How one params key is drawn: `categorical` from `choices`, or `float`/`int` in [low, high]
+    (`log`: log-uniform; `step`: a grid). Which key is xctsam.tune.space's business."""
+
+    type: Literal["categorical", "float", "int"]
+    choices: list[SearchValue] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> SearchDimension:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("choices: a categorical dimension needs a non-empty list")
+            if self.low is not None or self.high is not None or self.log or self.step is not None:
+                raise ValueError("a categorical dimension takes only choices")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"choices: a {self.type} dimension takes low/high, not choices")
+        if self.low is None or self.high is None or not self.high > self.low:
+            raise ValueError("low/high: give both, high greater than low")
+        if self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError("log: needs low > 0 and no step")
+        return self
+
+
+class TuneConfig(StrictModel):
+    """`xctsam tune`: an Optuna search over any params keys, scored on held-out validation slices."""
+
+    model: Literal["sam", "unet"] = "sam"
+    space: dict[str, SearchDimension] = {}  # dotted params key -> how to draw it
+    trial: dict[str, Any] = {}  # dotted params key -> value set in every trial (cheaper trials)
+    metric: str = "val.miou"
+    direction: Literal["maximize", "minimize"] = "maximize"
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    n_trials: Annotated[int, Field(ge=1)] = 20  # the study's total, shared by all its workers
+    heartbeat_seconds: Annotated[int, Field(ge=1)] = 10  # a worker silent for 2x this is dead; its trial is retried
+    max_retry: Annotated[int, Field(ge=0)] = 2
+
+    @model_validator(mode="after")
+    def _known_metric(self) -> TuneConfig:
+        if self.metric not in TUNE_METRICS:
+            raise ValueError(f"metric: '{self.metric}' is not one of {', '.join(TUNE_METRICS)}")
+        return self
+
+
 class Params(StrictModel):
     seed: int = 0
+    study: StudyConfig = StudyConfig()
     data: DataConfig
     gan: GanConfig = GanConfig()
     sam: SamConfig = SamConfig()
@@ -347,6 +451,11 @@ class Params(StrictModel):
     finetune: FinetuneConfig = FinetuneConfig()
     robustness: RobustnessConfig = RobustnessConfig()
     fid: FidConfig = FidConfig()
+    tune: TuneConfig = TuneConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    # zero-shot baselines: name -> pretrained SAM checkpoint (the stand-in or an official file);
+    # one `zero_shot@<name>` stage each, none by default
+    zero_shot: dict[str, Path] = {}
 
 
 # ---------------------------------------------------------------- loading
