@@ -179,10 +179,8 @@ def test_dashboard_serves_the_study_storage_and_stops_on_ctrl_c(tmp_path: Path) 
     import signal
     import subprocess
     import sys
-    import time
-    import urllib.request
 
-    from .test_ui import _free_port
+    from .test_ui import _free_port, get_when_served
 
     (tmp_path / "params.yaml").write_text("seed: 0\n")  # marks the project root
     storage = f"sqlite:///{tmp_path}/tune/optuna.db"
@@ -192,13 +190,9 @@ def test_dashboard_serves_the_study_storage_and_stops_on_ctrl_c(tmp_path: Path) 
     server = subprocess.Popen([sys.executable, "-m", "xctsam.cli", "tune", "dashboard", "--port", str(port)], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
     try:
         assert f"http://127.0.0.1:{port}" in server.stdout.readline()
-        deadline, studies = time.monotonic() + 60, None
-        while time.monotonic() < deadline and studies is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as response:
-                    studies = json.load(response)["study_summaries"]
-            except OSError:
-                time.sleep(0.5)
+        answer = get_when_served(f"http://127.0.0.1:{port}/api/studies", 60)
+        assert answer is not None, "the dashboard never answered"
+        studies = json.loads(answer[1])["study_summaries"]
         assert [study["study_name"] for study in studies] == ["shown"]  # the project's default storage
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=30) == 0

@@ -18,6 +18,18 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def get_when_served(url: str, seconds: float) -> tuple[int, bytes] | None:
+    """(status, body) of the first answered GET of `url` within `seconds`, None if none answered."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status, response.read()
+        except OSError:
+            time.sleep(0.5)
+    return None
+
+
 def test_ui_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     port = _free_port()
@@ -25,14 +37,8 @@ def test_ui_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     ui = subprocess.Popen([sys.executable, "-m", "xctsam.cli", "ui", "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert f"http://127.0.0.1:{port}" in ui.stdout.readline()
-        deadline, status = time.monotonic() + 120, None
-        while time.monotonic() < deadline and status is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
-                    status = response.status
-            except OSError:
-                time.sleep(1)
-        assert status == 200
+        answer = get_when_served(f"http://127.0.0.1:{port}/", 120)
+        assert answer is not None and answer[0] == 200
         assert (tmp_path / "mlruns" / "mlflow.db").is_file()  # the project's own store
         ui.send_signal(signal.SIGINT)
         assert ui.wait(timeout=60) == 0
