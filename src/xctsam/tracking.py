@@ -145,11 +145,10 @@ def data_hashes(lock: Path) -> dict[str, str]:
 
 
 def _tag_parent(run_id: str, tags: Mapping[str, str]) -> None:
+    import mlflow
     from mlflow.entities import RunTag
 
     if tags:
-        import mlflow
-
         mlflow.MlflowClient().log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
 
 
