@@ -26,6 +26,7 @@ from xctsam.pretrain.train import (
     PretrainResult,
     pretrain_sam,
     sidecar_path,
+    Trainer,
     stand_in_config,
     step_loss,
 )
@@ -106,6 +107,18 @@ def test_loss_falls_on_a_fixed_batch(tiny: dict) -> None:
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+def test_encoder_learns_at_a_fraction_of_the_decoder_lr(tiny: dict) -> None:
+    tiny["pretrain"].update({"lr": 1e-3, "encoder_lr_scale": 0.25})
+    params = parse_params(tiny)
+    sam = build_sam(stand_in_config(params.sam))
+    trainer = Trainer.create(sam, params.pretrain, torch.device("cpu"))
+    # the schedule scales both groups alike from these base rates
+    base = {id(tensor): group["initial_lr"] for group in trainer.optimizer.param_groups for tensor in group["params"]}
+    assert len(base) == len(list(sam.parameters()))  # every parameter trains, in exactly one group
+    assert sorted({base[id(t)] for t in sam.image_encoder.parameters()}) == [pytest.approx(0.25e-3)]
+    assert sorted({base[id(t)] for t in [*sam.mask_decoder.parameters(), *sam.prompt_encoder.parameters()]}) == [pytest.approx(1e-3)]
+
+
 def test_checkpoint_is_official_format_and_loads_like_one(tiny: dict, pretrained: tuple[Path, PretrainResult]) -> None:
     out, result = pretrained
     saved = torch.load(out, weights_only=True)
@@ -157,7 +170,7 @@ def test_zero_shot_scores_every_split_and_class(tiny: dict, tmp_path: Path, monk
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.chdir(tmp_path)
     assert main(["eval", "zero-shot"]) == 0
-    report = json.loads((tmp_path / "metrics" / "zero_shot.json").read_text())
+    report = json.loads((tmp_path / "metrics" / "zero_shot" / "default.json").read_text())
     assert set(report["iou"]["sam_zero_shot"]) == {"Te-1", "Te-2"}
     assert set(report["iou"]["sam_zero_shot"]["Te-1"]) == {"background", "material", "pore", "inclusion"}
     assert report["slices"]["sam_zero_shot"] == {"Te-1": 2, "Te-2": 2}

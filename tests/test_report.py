@@ -125,3 +125,21 @@ def test_forgetting_table_when_present(tmp_path: Path, params: Params, monkeypat
     assert [(row[0], row[1]) for row in rows] == [("SAM-FineReal", s) for s in [*SPLITS, "mean"]]
     assert [float(row[2]) for row in rows] == pytest.approx([0.0, 0.1, 0.2, 0.1])
     assert text.count(NOT_RUN) == 4  # FID, IoU, robustness, overlays
+
+
+def test_zero_shot_baselines_join_the_iou_table(tmp_path: Path, params: Params) -> None:
+    evaluation = {"sam": _iou(1), "unet": _iou(2)}
+    _write_json(tmp_path / "metrics" / "eval.json", {"iou": evaluation, "miou": {m: {s: 0.5 for s in SPLITS} for m in evaluation}})
+    zero_shot = _iou(3)
+    _write_json(tmp_path / "metrics" / "zero_shot" / "stand_in.json", {"iou": {"sam_zero_shot": zero_shot}, "miou": {"sam_zero_shot": {s: 0.25 for s in SPLITS}}})
+    md, _ = write_report(params, tmp_path, Path("out"), {}, log_mlflow=False)
+    text = md.read_text()
+    header = next(line for line in text.split("## IoU", 1)[1].splitlines() if line.startswith("|"))
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    assert "zero-shot (stand_in)" in columns and "SAM-GAN − U-Net" in columns
+    column = columns.index("zero-shot (stand_in)")
+    rows = _rows_of(text, "IoU")
+    pore = next(row for row in rows if row[0] == "Te-3" and row[1] == "pore")
+    assert float(pore[column]) == pytest.approx(zero_shot["Te-3"]["pore"], abs=1e-3)
+    assert float(next(row for row in rows if row[0] == "Te-3" and row[1] == "mIoU")[column]) == pytest.approx(0.25)
+    assert "prompted by one box per ground-truth component" in text

@@ -264,7 +264,7 @@ def eval_models(
 def eval_zero_shot(
     params: ParamsOption = Path("params.yaml"),
     root: DataRootOption = Path("data"),
-    out: Annotated[Path, typer.Option(help="Metrics file (JSON, laid out like eval.json).")] = Path("metrics/zero_shot.json"),
+    out: Annotated[Path, typer.Option(help="Metrics file (JSON, laid out like eval.json).")] = Path("metrics/zero_shot/default.json"),
     checkpoint: Annotated[Path | None, typer.Option(help="Pretrained SAM to score (default: params sam.checkpoint).")] = None,
 ) -> None:
     """A pretrained SAM with a box per ground-truth component, before any XCT training."""

@@ -261,7 +261,10 @@ class PretrainConfig(StrictModel):
     min_area: Annotated[int, Field(ge=1)] = 12  # pixels: smaller visible parts are not objects
     box_share: Fraction = 0.5  # share of prompts that are boxes (the rest single points)
     box_jitter: Fraction = 0.1  # box corners moved by N(0, jitter x side), at most 20 px, as in SAM
-    lr: PositiveFloat = 4e-4
+    lr: PositiveFloat = 4e-4  # of the prompt encoder and mask decoder
+    # the image encoder's lr is lr x this: SAM trained its (MAE-initialised) encoder with a
+    # decayed lr; at a full lr the encoder drifts before the decoder has learned to localise
+    encoder_lr_scale: Annotated[float, Field(gt=0, le=1)] = 0.125
     weight_decay: NonNegativeFloat = 0.05
     warmup_steps: Annotated[int, Field(ge=0)] = 50
     grad_clip: PositiveFloat = 1.0

@@ -1,7 +1,8 @@
 """The study report: `reports/study.md` and a self-contained `reports/study.html`.
 
 Sections, in the study's order: FID of each test split to the training set (ordering the splits
-by how far out of distribution they are), IoU per class per split of SAM-GAN against the U-Net,
+by how far out of distribution they are), IoU per class per split of SAM-GAN against the U-Net
+(and any zero-shot baselines of metrics/zero_shot/),
 the forgetting deltas of the re-fine-tuned variants, the robustness plots, and overlays
 (input / truth / each model) for two slices of the first volume of every test split.
 
@@ -30,6 +31,7 @@ from xctsam.data.volumes import Volume, split_name, split_volumes
 
 NOT_RUN = "not run yet"
 MODEL_NAMES = {"sam": "SAM-GAN", "unet": "U-Net"}  # eval.json keys -> the study's names
+ZERO_SHOT_DIR = Path("metrics/zero_shot")  # one eval.json-like file per zero_shot@<name> stage
 OVERLAY_FRACTIONS = (1 / 3, 1 / 2)  # slices shown per split, as fractions of the volume depth
 # RGBA per label: background transparent so the input shows through, then material, pore, inclusion
 LABEL_COLOURS = np.array([(0, 0, 0, 0), (0.6, 0.6, 0.6, 0.55), (0.9, 0.1, 0.1, 0.9), (1.0, 0.9, 0.0, 0.9)], dtype=np.float32)
@@ -61,6 +63,23 @@ def read_json(path: Path) -> Any | None:
 
 def model_name(key: str) -> str:
     return MODEL_NAMES.get(key, key)
+
+
+def read_zero_shots(folder: Path) -> dict[str, Any]:
+    """{baseline name: its eval.json-like report} of every zero-shot file in `folder`."""
+    return {path.stem: json.loads(path.read_text()) for path in sorted(Path(folder).glob("*.json"))}
+
+
+def with_zero_shots(evaluation: Mapping[str, Any] | None, zero_shots: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The evaluation with each zero-shot baseline as one more model, "zero-shot (<name>)"."""
+    if not zero_shots:
+        return dict(evaluation) if evaluation else None
+    merged: dict[str, Any] = {"iou": dict((evaluation or {}).get("iou", {})), "miou": dict((evaluation or {}).get("miou", {}))}
+    for name, report in zero_shots.items():
+        for key in report["iou"]:  # one model per file: the pretrained SAM it prompted
+            merged["iou"][f"zero-shot ({name})"] = report["iou"][key]
+            merged["miou"][f"zero-shot ({name})"] = report.get("miou", {}).get(key, {})
+    return merged
 
 
 # ---------------------------------------------------------------- tables
@@ -189,18 +208,27 @@ def write_overlays(params: Params, data_root: Path, models: Mapping[str, Path], 
 # ---------------------------------------------------------------- sections
 def build_sections(params: Params, root: Path, out_dir: Path, models: Mapping[str, Path], data_root: Path) -> list[Section]:
     fid = read_json(root / "metrics" / "fid.json")
-    evaluation = read_json(root / "metrics" / "eval.json")
+    zero_shots = read_zero_shots(root / ZERO_SHOT_DIR)
+    evaluation = with_zero_shots(read_json(root / "metrics" / "eval.json"), zero_shots)
     forgetting = read_json(root / "metrics" / "forgetting.json")
     order = split_order(fid, [split_name(folder) for folder in params.eval.splits])
     robustness_pngs = sorted((root / "reports" / "robustness").glob("*.png"))
     overlays = write_overlays(params, data_root, models, out_dir)
     return [
         Section("FID to the training set", note=_fid_note(fid), table=fid_table(fid) if fid else None),
-        Section("IoU per class: SAM-GAN vs U-Net", note="" if evaluation else NOT_RUN, table=iou_table(evaluation, order) if evaluation else None),
+        Section("IoU per class: SAM-GAN vs U-Net", note=_iou_note(evaluation, zero_shots), table=iou_table(evaluation, order) if evaluation else None),
         Section("Forgetting (IoU change against SAM-GAN)", note="" if forgetting else NOT_RUN, table=forgetting_table(forgetting, order) if forgetting else None),
         Section("Robustness to noise", note="" if robustness_pngs else NOT_RUN, images=robustness_pngs),
         Section("Overlays: input / truth / each model", note="" if overlays else f"{NOT_RUN} (no trained models)", images=overlays),
     ]
+
+
+def _iou_note(evaluation: Mapping[str, Any] | None, zero_shots: Mapping[str, Any]) -> str:
+    if not evaluation:
+        return NOT_RUN
+    if not zero_shots:
+        return ""
+    return "Zero-shot: a pretrained SAM before any XCT training, prompted by one box per ground-truth component of each class (prompts from the truth, so not an automatic segmentation)."
 
 
 def _fid_note(fid: Mapping[str, Any] | None) -> str:

@@ -170,7 +170,9 @@ class Trainer:
     @classmethod
     def create(cls, sam: Sam, config: PretrainConfig, device: torch.device) -> Trainer:
         sam.to(device).requires_grad_(True)
-        optimizer = torch.optim.AdamW(sam.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        promptable = [*sam.prompt_encoder.parameters(), *sam.mask_decoder.parameters()]
+        groups = [{"params": list(sam.image_encoder.parameters()), "lr": config.lr * config.encoder_lr_scale}, {"params": promptable}]
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
         def factor(step: int) -> float:
             return lr_factor(step, config.steps, config.warmup_steps, "cosine")

@@ -9,7 +9,8 @@ material -> pore -> inclusion, which is scored with the evaluation's own confusi
 Grey values are mapped to [0, 1] by each test split's own robust window (0.5 / 99.5 percentile
 of its slices): no trained model's window exists yet, and only the images are used for it.
 
-Written like metrics/eval.json with the model name `sam_zero_shot` (metrics/zero_shot.json),
+Written like metrics/eval.json with the model name `sam_zero_shot` (metrics/zero_shot/<name>.json,
+which the report adds to its IoU table),
 and logged as MLflow run `zero_shot.sam_zero_shot` with `iou.<split>.<class>` and friends,
 tagged with the foundation it ran on.
 """
@@ -47,7 +48,7 @@ from xctsam.pretrain.prompts import component_boxes
 from xctsam.progress import track
 
 MODEL_NAME = "sam_zero_shot"
-DEFAULT_OUT = Path("metrics/zero_shot.json")
+DEFAULT_OUT = Path("metrics/zero_shot/default.json")
 SLICE_BATCH = 8  # slices through the encoder at once
 PROMPT_CHUNK = 64  # boxes decoded at once (each holds 4 full-size masks)
 
