@@ -9,8 +9,9 @@ Two figures, one command each (run from a project folder; MLflow logs go to its 
       .venv/bin/python benchmarks/bench_pretrain.py pretrain [--params params.yaml] [--out /tmp/stand_in.pth]
 
   compare   PEFT-SAM adapted from the stand-in against PEFT-SAM adapted from random weights:
-            the same train.sam params, data and seed, one training each, then IoU per class
-            on every eval.splits split (whole-volume prediction, as `xctsam eval models`).
+            the same train.sam params, data and seed, one training each of exactly the same
+            steps (early stopping off), then IoU per class on every eval.splits split
+            (whole-volume prediction, as `xctsam eval models`).
 
       .venv/bin/python benchmarks/bench_pretrain.py compare --stand-in models/sam_small_pretrained.pth [--root data] [--steps N]
 """
@@ -63,9 +64,10 @@ def bench_compare(args: argparse.Namespace) -> None:
     from xctsam.config import load_params
 
     params = load_params(args.params)
-    if args.steps is not None:
-        train = params.train.sam.model_copy(update={"steps": args.steps})
-        params = params.model_copy(update={"train": params.train.model_copy(update={"sam": train})})
+    steps = args.steps if args.steps is not None else params.train.sam.steps
+    # no early stopping: both trainings run exactly `steps` (each scored on its best-val checkpoint)
+    train = params.train.sam.model_copy(update={"steps": steps, "patience": steps})
+    params = params.model_copy(update={"train": params.train.model_copy(update={"sam": train})})
     work = Path(args.work or tempfile.mkdtemp(prefix="compare_"))
     scores = {}
     for name, checkpoint in (("stand-in", Path(args.stand_in)), ("random-init", None)):

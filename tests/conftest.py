@@ -32,6 +32,10 @@ def tiny_params(default_params: dict) -> dict:
         split["volumes"] = 1
     for scanner in params["data"]["scanners"].values():
         scanner["views"] = min(scanner["views"], 60)
+    # SAM from random weights: the stand-in foundation is a minutes-long stage of its own (tests/test_pretrain.py)
+    params["sam"]["checkpoint"] = None
+    params["pretrain"]["stand_ins"] = []
+    params["zero_shot"] = {}
     return params
 
 

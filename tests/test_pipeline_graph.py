@@ -42,3 +42,12 @@ def test_a_test_split_recipe_reruns_that_split_not_the_training(pipeline: tuple[
     rerun = rerun_by("data.splits.Te-6", graph, params)
     assert {"phantoms@Te-6", "simulate@Te-6", "fid", "evaluate"} <= rerun
     assert not rerun & {"phantoms@Te-1", "simulate@Te-1", "gan_train@cyclegan", "train_sam", "train_unet"}
+
+
+def test_the_stand_in_is_made_before_sam_trains_and_feeds_its_zero_shot(pipeline: tuple[nx.DiGraph, dict[str, list[str]]]) -> None:
+    graph, params = pipeline
+    stand_in = "pretrain_sam@sam_small_pretrained"  # the embedded default's foundation
+    assert stand_in in nx.descendants(graph, "train_sam")  # train_sam depends on models/foundation
+    assert stand_in in nx.descendants(graph, "zero_shot@stand_in")
+    assert "zero_shot@stand_in" in nx.descendants(graph, "report")  # a column of the report
+    assert "sam.lora.rank" not in str(params[stand_in]) and "train.sam" not in str(params[stand_in])

@@ -93,6 +93,7 @@ def test_prompts_lie_in_and_around_their_masks() -> None:
 
 # ---------------------------------------------------------------- training
 def test_loss_falls_on_a_fixed_batch(tiny: dict) -> None:
+    tiny["pretrain"]["focal_weight"] = 20.0  # SAM's weighting: its pixel-wise term drops within a few steps
     params = parse_params(tiny)
     torch.manual_seed(0)
     sam = build_sam(stand_in_config(params.sam)).train()
@@ -198,12 +199,14 @@ def test_bad_params_exit_2_naming_the_key(tiny: dict, tmp_path: Path, capsys: py
 def test_pretrain_stage_disappears_at_paper_scale(default_params: dict, tmp_path: Path) -> None:
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     default_params["pretrain"]["stand_ins"] = []
-    default_params["sam"].update({"variant": "vit_b", "checkpoint": "models/sam_vit_b_01ec64.pth"})
+    default_params["sam"].update({"variant": "vit_b", "checkpoint": "models/foundation/sam_vit_b_01ec64.pth"})
+    default_params["zero_shot"] = {"sam_vit_b": "models/foundation/sam_vit_b_01ec64.pth"}
     write_params(tmp_path / "params.yaml", default_params)
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True, timeout=120)
     listed = subprocess.run([sys.executable, "-m", "dvc", "stage", "list"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0, listed.stderr
     assert "pretrain_sam" not in listed.stdout and "train_sam" in listed.stdout
+    assert "zero_shot@sam_vit_b" in listed.stdout and "zero_shot@stand_in" not in listed.stdout
     write_params(tmp_path / "params.yaml", {**default_params, "pretrain": {**default_params["pretrain"], "stand_ins": ["sam_small_pretrained"]}})
     listed = subprocess.run([sys.executable, "-m", "dvc", "stage", "list"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert "pretrain_sam@sam_small_pretrained" in listed.stdout

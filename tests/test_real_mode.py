@@ -28,6 +28,9 @@ TINY_TRAINING = {"steps": 4, "epoch_steps": 2, "tile": 64, "batch": 2, "val_slic
 TINY = {
     **{f"train.{model}.{key}": value for model in ("sam", "unet") for key, value in TINY_TRAINING.items()},
     "sam.small": {"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": [1], "window_size": 4},
+    "pretrain.steps": 2,
+    "pretrain.batch": 1,
+    "pretrain.heldout_images": 1,
     "sam.lora.rank": 2,
     "sam.lora.experts": 2,
     "unet.filters": 4,
@@ -74,6 +77,8 @@ def test_real_mode_runs_the_study_on_imported_scans(tmp_path: Path) -> None:
         shutil.copy2(REPO / name, project / name)
     for folder in ("src", "configs"):
         shutil.copytree(REPO / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "models" / "foundation").mkdir(parents=True)  # as a clone has it: train_sam depends on the folder
+    shutil.copy2(REPO / "models" / "foundation" / "README.md", project / "models" / "foundation" / "README.md")
     env = {k: v for k, v in os.environ.items() if k not in ("XCTSAM_EXECUTION", "DVC_EXP_NAME")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"

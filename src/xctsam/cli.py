@@ -176,7 +176,7 @@ def train_unet(params: ParamsOption = Path("params.yaml"), root: DataRootOption 
 @train_app.command("pretrain")
 def train_pretrain(
     params: ParamsOption = Path("params.yaml"),
-    out: Annotated[Path, typer.Option("--out", help="Stand-in checkpoint (.pth); a sidecar .json is written beside it.")] = Path("models/sam_small_pretrained.pth"),
+    out: Annotated[Path, typer.Option("--out", help="Stand-in checkpoint (.pth); a sidecar .json is written beside it.")] = Path("models/foundation/sam_small_pretrained.pth"),
     state: Annotated[Path | None, typer.Option(help="Resume state file (default: <out>.state.pt).")] = None,
     fresh: FreshOption = False,
 ) -> None:

@@ -233,7 +233,7 @@ class ConvLoraConfig(StrictModel):
 
 class SamConfig(StrictModel):
     variant: Literal["small", "vit_b", "vit_l", "vit_h"] = "small"
-    checkpoint: Path | None = None  # official file, e.g. models/sam_vit_b_01ec64.pth
+    checkpoint: Path | None = None  # official file, e.g. models/foundation/sam_vit_b_01ec64.pth
     image_size: Literal[256, 512, 1024] = 256
     small: SmallSamConfig = SmallSamConfig()
     lora: ConvLoraConfig = ConvLoraConfig()
@@ -254,11 +254,11 @@ class PretrainConfig(StrictModel):
     # where sam.checkpoint names an official file and the pretrain stage disappears
     stand_ins: list[str] = ["sam_small_pretrained"]
     seed: int = 0
-    steps: Annotated[int, Field(ge=1)] = 500
+    steps: Annotated[int, Field(ge=1)] = 1800
     batch: Annotated[int, Field(ge=1)] = 2  # images per step
     prompts: Annotated[int, Field(ge=1)] = 4  # objects prompted per image per step (decoder cost grows with it)
-    objects: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (4, 14)  # per image
-    min_area: Annotated[int, Field(ge=1)] = 12  # pixels: smaller visible parts are not objects
+    objects: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (3, 8)  # per image
+    min_area: Annotated[int, Field(ge=1)] = 150  # pixels: smaller visible parts are not objects
     box_share: Fraction = 0.5  # share of prompts that are boxes (the rest single points)
     box_jitter: Fraction = 0.1  # box corners moved by N(0, jitter x side), at most 20 px, as in SAM
     lr: PositiveFloat = 4e-4  # of the prompt encoder and mask decoder
@@ -268,7 +268,9 @@ class PretrainConfig(StrictModel):
     weight_decay: NonNegativeFloat = 0.05
     warmup_steps: Annotated[int, Field(ge=0)] = 50
     grad_clip: PositiveFloat = 1.0
-    focal_weight: NonNegativeFloat = 20.0  # SAM's 20:1 focal:dice mask loss
+    # SAM's 20:1 focal:dice collapses the box output to empty masks in a CPU-sized pretraining
+    # (held-out box mIoU .03 at 20, .22 at 4, .26 at 1, .17 at 0; 600 steps)
+    focal_weight: NonNegativeFloat = 1.0
     dice_weight: NonNegativeFloat = 1.0
     iou_weight: NonNegativeFloat = 1.0  # MSE of the predicted against the real mask IoU
     heldout_images: Annotated[int, Field(ge=1)] = 32  # seeded images apart from training, scored at the end

@@ -115,7 +115,7 @@ def zero_shot(
     if checkpoint is not None:
         params = params.model_copy(update={"sam": params.sam.model_copy(update={"checkpoint": Path(checkpoint)})})
     if params.sam.checkpoint is None:
-        raise ConfigError("params", "sam.checkpoint", "zero-shot needs a pretrained SAM: name the stand-in (models/sam_small_pretrained.pth) or an official checkpoint")
+        raise ConfigError("params", "sam.checkpoint", "zero-shot needs a pretrained SAM: name the stand-in (models/foundation/sam_small_pretrained.pth) or an official checkpoint")
     split_dirs = eval_split_dirs(params.eval.splits, data_root)  # checked before the model loads
     device = torch.device(device) if device is not None else pick_device()
     sam = build_sam(params.sam).to(device).eval()
