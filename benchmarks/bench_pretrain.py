@@ -13,7 +13,7 @@ Two figures, one command each (run from a project folder; MLflow logs go to its 
             steps (early stopping off), then IoU per class on every eval.splits split
             (whole-volume prediction, as `xctsam eval models`).
 
-      .venv/bin/python benchmarks/bench_pretrain.py compare --stand-in models/sam_small_pretrained.pth [--root data] [--steps N]
+      .venv/bin/python benchmarks/bench_pretrain.py compare --stand-in models/foundation/sam_small_pretrained.pth [--root data] [--steps N]
 """
 
 from __future__ import annotations
