@@ -43,7 +43,11 @@ def test_ui_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         ui.send_signal(signal.SIGINT)
         assert ui.wait(timeout=60) == 0
         with socket.socket() as probe:  # the port is free again: no server process left behind
+            # The server closed the answered connection, so the port may hold a TIME_WAIT entry;
+            # SO_REUSEADDR lets a new listener bind over that (as uvicorn does) but never over a live one.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(("127.0.0.1", port))
+            probe.listen()
     finally:
         if ui.poll() is None:
             ui.kill()
