@@ -21,12 +21,12 @@ from xctsam.models.sam_builder import build_sam, load_sam_checkpoint
 from xctsam.models.sam_peft import build_peft_sam
 from xctsam.pretrain.foundation import describe_foundation
 from xctsam.pretrain.prompts import component_boxes, mask_box, sample_prompts
-from xctsam.pretrain.shapes import make_image
+from xctsam.pretrain.shapes import _shape_mask, make_image
 from xctsam.pretrain.train import (
     PretrainResult,
+    Trainer,
     pretrain_sam,
     sidecar_path,
-    Trainer,
     stand_in_config,
     step_loss,
 )
@@ -73,6 +73,21 @@ def test_corpus_is_seeded_and_crowded() -> None:
     assert first.image.dtype == np.float32 and first.image.min() >= 0.0 and first.image.max() <= 1.0
     assert first.instances.sum(axis=0).max() == 1  # visible parts never overlap
     assert first.instances.sum(axis=(1, 2)).min() >= 12
+
+
+def test_blob_drawn_on_its_square_equals_the_whole_image_formula() -> None:
+    """A blob is drawn only on the square its largest wobble can reach; nothing of it is cut off."""
+    size = 96
+    for seed in range(40):
+        mask = _shape_mask(np.random.default_rng(seed), "blob", size)
+        rng = np.random.default_rng(seed)  # the same draws, in the same order, over every pixel
+        radius = float(np.exp(rng.uniform(np.log(2.5), np.log(size / 4))))
+        cy, cx = rng.uniform(0, size, 2)
+        terms = [(k, rng.uniform(0, 0.3), rng.uniform(0, 2 * np.pi)) for k in range(2, 6)]
+        y, x = np.mgrid[0:size, 0:size]
+        theta = np.arctan2(y - cy, x - cx)
+        wobble = sum(weight * np.cos(k * theta + phase) for k, weight, phase in terms)
+        assert np.array_equal(mask, np.hypot(y - cy, x - cx) < radius * (1 + wobble)), seed
 
 
 def test_prompts_lie_in_and_around_their_masks() -> None:

@@ -31,6 +31,9 @@ class ShapeImage:
     instances: np.ndarray
 
 
+Region = tuple[slice, slice]
+
+
 def _texture(rng: np.random.Generator, shape: tuple[int, int], amplitude: float) -> np.ndarray:
     """Smoothed noise at a random scale: grain, mottling or cloudiness."""
     sigma = rng.uniform(0.5, 6.0)
@@ -38,11 +41,26 @@ def _texture(rng: np.random.Generator, shape: tuple[int, int], amplitude: float)
     return amplitude * field / (field.std() + 1e-6)
 
 
-def _shading(rng: np.random.Generator, size: int, amplitude: float) -> np.ndarray:
-    """A linear gradient in a random direction, zero mean."""
+def _shading(rng: np.random.Generator, size: int, amplitude: float, region: Region | None = None) -> np.ndarray:
+    """A linear gradient in a random direction, zero mean over the image, on `region` of it."""
     angle = rng.uniform(0, 2 * np.pi)
-    y, x = np.mgrid[0:size, 0:size] / max(size - 1, 1) - 0.5
+    rows, cols = region or (slice(0, size), slice(0, size))
+    y, x = np.mgrid[rows, cols] / max(size - 1, 1) - 0.5
     return amplitude * (np.cos(angle) * x + np.sin(angle) * y)
+
+
+def _bounding_region(mask: np.ndarray) -> Region:
+    """The smallest (rows, cols) slices holding every True pixel of a non-empty mask."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
+def _square_around(cy: float, cx: float, reach: float, size: int) -> Region:
+    """Slices of the image covering a square of half-side `reach` around (cy, cx)."""
+    def span(centre: float) -> slice:
+        return slice(max(int(centre - reach), 0), min(int(np.ceil(centre + reach)) + 1, size))
+
+    return span(cy), span(cx)
 
 
 def _shape_mask(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
@@ -65,12 +83,14 @@ def _shape_mask(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
         rotation = np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]])
         corners = corners @ rotation.T + [cy, cx]
         rr, cc = polygon(corners[:, 0], corners[:, 1], shape=mask.shape)
-    else:  # blob: a radius that wobbles smoothly with the angle
-        y, x = np.mgrid[0:size, 0:size]
+    else:  # blob: a radius that wobbles smoothly with the angle (by at most 4 x 0.3 of it)
+        terms = [(k, rng.uniform(0, 0.3), rng.uniform(0, 2 * np.pi)) for k in range(2, 6)]
+        region = _square_around(cy, cx, radius * 2.2, size)
+        y, x = np.mgrid[region]
         theta = np.arctan2(y - cy, x - cx)
-        wobble = sum(rng.uniform(0, 0.3) * np.cos(k * theta + rng.uniform(0, 2 * np.pi)) for k in range(2, 6))
-        inside = np.hypot(y - cy, x - cx) < radius * (1 + wobble)
-        return inside
+        wobble = sum(weight * np.cos(k * theta + phase) for k, weight, phase in terms)
+        mask[region] = np.hypot(y - cy, x - cx) < radius * (1 + wobble)
+        return mask
     mask[rr, cc] = True
     return mask
 
@@ -95,8 +115,12 @@ def make_image(seed: SeedLike, size: int = 256, objects: tuple[int, int] = (4, 1
         if not mask.any():
             continue
         grey = _contrasting_grey(rng, float(image[mask].mean()))
-        fill = grey + _shading(rng, size, rng.uniform(0, 0.25)) + _texture(rng, (size, size), rng.uniform(0, 0.06))
-        image[mask] = fill[mask]
+        # the object's own gradient and texture, made over its bounding box only (cheap for small ones)
+        region = _bounding_region(mask)
+        shape = (region[0].stop - region[0].start, region[1].stop - region[1].start)
+        fill = grey + _shading(rng, size, rng.uniform(0, 0.25), region) + _texture(rng, shape, rng.uniform(0, 0.06))
+        inside = mask[region]
+        image[region][inside] = fill[inside]
         owner[mask] = index
     image = gaussian_filter(image, rng.uniform(0.0, 1.2))
     image = image + rng.normal(0, rng.uniform(0.0, 0.06), image.shape)
