@@ -59,6 +59,7 @@ from xctsam.gan.cyclegan import (
 from xctsam.gan.synthesize import json_number, mean_iou, slab_structure_iou
 from xctsam.hashing import fingerprint, folders_digest
 from xctsam.interrupt import InterruptLatch
+from xctsam.optim import adamw
 from xctsam.progress import track
 
 log = logging.getLogger(__name__)
@@ -118,9 +119,9 @@ def _lsgan(prediction: torch.Tensor, real: bool) -> torch.Tensor:
     return F.mse_loss(prediction, target)
 
 
-def _adam(nets: tuple[nn.Module, ...], config: GanConfig) -> torch.optim.Adam:
+def _adam(nets: tuple[nn.Module, ...], config: GanConfig) -> torch.optim.AdamW:
     parameters = itertools.chain.from_iterable(net.parameters() for net in nets)
-    return torch.optim.Adam(parameters, lr=config.lr, betas=(config.beta1, 0.999))
+    return adamw(parameters, config.lr, betas=(config.beta1, 0.999))
 
 
 class CycleGan:

@@ -39,6 +39,7 @@ from xctsam.errors import ConfigError
 from xctsam.hashing import file_sha256, fingerprint
 from xctsam.interrupt import InterruptLatch
 from xctsam.models.sam_builder import Sam, build_sam
+from xctsam.optim import adamw
 from xctsam.pretrain.losses import promptable_loss
 from xctsam.pretrain.promptable import decode, embed_images, read_masks
 from xctsam.pretrain.prompts import mask_box, mask_point, sample_prompts
@@ -172,7 +173,7 @@ class Trainer:
         sam.to(device).requires_grad_(True)
         promptable = [*sam.prompt_encoder.parameters(), *sam.mask_decoder.parameters()]
         groups = [{"params": list(sam.image_encoder.parameters()), "lr": config.lr * config.encoder_lr_scale}, {"params": promptable}]
-        optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = adamw(groups, config.lr, config.weight_decay)
 
         def factor(step: int) -> float:
             return lr_factor(step, config.steps, config.warmup_steps, "cosine")

@@ -56,6 +56,7 @@ from xctsam.device import pick_device
 from xctsam.eval.metrics import ConfusionCounter, iou_dice, mean_defined
 from xctsam.interrupt import InterruptLatch
 from xctsam.models.base import Segmenter
+from xctsam.optim import adamw
 from xctsam.train.checkpoint import (
     STATE_FORMAT,
     capture_rng,
@@ -235,7 +236,7 @@ class Trainer:
             raise ValueError("the model has no trainable parameters")
         self.config = config
         self.device = runtime.device
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = adamw(self.trainable, config.lr, config.weight_decay)
         factor = functools.partial(lr_factor, steps=config.steps, warmup_steps=config.warmup_steps, schedule=config.schedule)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.precision = choose_precision(runtime.device)
