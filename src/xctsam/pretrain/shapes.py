@@ -115,10 +115,12 @@ def make_image(seed: SeedLike, size: int = 256, objects: tuple[int, int] = (4, 1
         if not mask.any():
             continue
         grey = _contrasting_grey(rng, float(image[mask].mean()))
-        # the object's own gradient and texture, made over its bounding box only (cheap for small ones)
+        # the object's own gradient and texture, kept only over its bounding box. The texture is
+        # drawn over the whole image all the same: normalised there, a small object gets a smooth
+        # patch of it rather than the full-amplitude noise a box-sized field would give it.
         region = _bounding_region(mask)
-        shape = (region[0].stop - region[0].start, region[1].stop - region[1].start)
-        fill = grey + _shading(rng, size, rng.uniform(0, 0.25), region) + _texture(rng, shape, rng.uniform(0, 0.06))
+        shading = _shading(rng, size, rng.uniform(0, 0.25), region)
+        fill = grey + shading + _texture(rng, (size, size), rng.uniform(0, 0.06))[region]
         inside = mask[region]
         image[region][inside] = fill[inside]
         owner[mask] = index
