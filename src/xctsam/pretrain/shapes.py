@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import find_objects, gaussian_filter
 from skimage.draw import ellipse, polygon
 
 SeedLike = int | Sequence[int]
@@ -47,12 +47,6 @@ def _shading(rng: np.random.Generator, size: int, amplitude: float, region: Regi
     rows, cols = region or (slice(0, size), slice(0, size))
     y, x = np.mgrid[rows, cols] / max(size - 1, 1) - 0.5
     return amplitude * (np.cos(angle) * x + np.sin(angle) * y)
-
-
-def _bounding_region(mask: np.ndarray) -> Region:
-    """The smallest (rows, cols) slices holding every True pixel of a non-empty mask."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
 
 
 def _square_around(cy: float, cx: float, reach: float, size: int) -> Region:
@@ -118,7 +112,7 @@ def make_image(seed: SeedLike, size: int = 256, objects: tuple[int, int] = (4, 1
         # the object's own gradient and texture, kept only over its bounding box. The texture is
         # drawn over the whole image all the same: normalised there, a small object gets a smooth
         # patch of it rather than the full-amplitude noise a box-sized field would give it.
-        region = _bounding_region(mask)
+        region = find_objects(mask.view(np.uint8))[0]  # the mask's bounding box
         shading = _shading(rng, size, rng.uniform(0, 0.25), region)
         fill = grey + shading + _texture(rng, (size, size), rng.uniform(0, 0.06))[region]
         inside = mask[region]
