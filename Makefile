@@ -1,18 +1,33 @@
 # Two entry points on a fresh clone: `make repro` (the study) and `make test` (the tests).
-# Both create .venv when missing and (re)install when pyproject.toml changed.
+# Both create .venv when missing and install exactly what requirements.lock pins (uv pip sync:
+# nothing more, nothing newer), again whenever the lock or pyproject.toml changes.
+# `make lock` re-resolves pyproject.toml's ranges into requirements.lock.
 
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
+LOCK := requirements.lock
+# uv itself is pinned: a newer resolver may read the same lock differently.
+UV_VERSION := 0.13.9
+UV := $(BIN)/uv
 export PATH := $(abspath $(BIN)):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY ?= true
+# uv ignores pip.conf. Where pip finds the CPU torch wheel in a local folder (PIP_FIND_LINKS),
+# give uv the same folder; elsewhere uv takes torch from the PyTorch CPU index (--torch-backend).
+ifneq ($(strip $(PIP_FIND_LINKS)),)
+export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
+else
+export UV_TORCH_BACKEND ?= cpu
+endif
+# The lock is resolved for the machines the study runs on: CPython 3.11 on x86_64 Linux.
+LOCK_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_28
 
-.PHONY: repro test install install-test lint bench clean-venv postgres-up
+.PHONY: repro test install lock lint bench clean-venv postgres-up
 
 repro: install
 	dvc repro
 
-test: install-test
+test: install
 	@$(MAKE) --no-print-directory postgres-up
 	pytest
 
@@ -24,26 +39,29 @@ postgres-up:
 	    [ "$$status" = online ] || pg_ctlcluster --skip-systemctl-redirect $$version $$cluster start || true; \
 	  done || true
 
-lint: install-test
+lint: install
 	ruff check src tests benchmarks
 
 bench: install
 	python benchmarks/bench_simulate.py
 
 install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test
 
-$(BIN)/python:
+$(UV):
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+# One lock for running and testing (the test extras are a few small packages).
+$(VENV)/.installed: $(LOCK) pyproject.toml | $(UV)
+	$(UV) pip sync --quiet --python $(BIN)/python $(LOCK)
+	$(UV) pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(VENV)/.installed $@
+# Run after changing a dependency range in pyproject.toml, or to take newer releases on purpose;
+# then `make test` and commit the lock with the change it belongs to.
+lock: | $(UV)
+	$(UV) pip compile --quiet pyproject.toml --extra test --generate-hashes $(LOCK_TARGET) \
+	  --output-file $(LOCK) --custom-compile-command 'make lock'
 
 clean-venv:
 	rm -rf $(VENV)
