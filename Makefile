@@ -6,19 +6,21 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-LOCK := requirements.lock
+LOCK ?= requirements.lock
 # uv itself is pinned: a newer resolver may read the same lock differently.
 UV_VERSION := 0.13.9
 UV := $(BIN)/uv
 export PATH := $(abspath $(BIN)):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY ?= true
 # uv ignores pip.conf. Where pip finds the CPU torch wheel in a local folder (PIP_FIND_LINKS),
-# give uv the same folder; elsewhere uv takes torch from the PyTorch CPU index (--torch-backend).
+# give uv the same folder; elsewhere uv takes torch from the PyTorch index of UV_TORCH_BACKEND
+# (cpu by default; e.g. `make lock LOCK=requirements-cu128.lock UV_TORCH_BACKEND=cu128`).
+TORCH_SOURCE :=
 ifneq ($(strip $(PIP_FIND_LINKS)),)
-export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
-else
-export UV_TORCH_BACKEND ?= cpu
+TORCH_SOURCE := $(foreach folder,$(PIP_FIND_LINKS),--find-links $(folder))
 endif
+UV_TORCH_BACKEND ?= $(if $(TORCH_SOURCE),,cpu)
+TORCH_SOURCE += $(if $(UV_TORCH_BACKEND),--torch-backend $(UV_TORCH_BACKEND))
 # The lock is resolved for the machines the study runs on: CPython 3.11 on x86_64 Linux.
 LOCK_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_28
 
@@ -53,15 +55,16 @@ $(UV):
 
 # One lock for running and testing (the test extras are a few small packages).
 $(VENV)/.installed: $(LOCK) pyproject.toml | $(UV)
-	$(UV) pip sync --quiet --python $(BIN)/python $(LOCK)
-	$(UV) pip install --quiet --python $(BIN)/python --no-deps -e .
+	$(UV) pip sync --quiet --python $(BIN)/python $(TORCH_SOURCE) $(LOCK)
+	$(UV) pip install --quiet --python $(BIN)/python --no-deps $(TORCH_SOURCE) -e .
 	touch $@
 
-# Run after changing a dependency range in pyproject.toml, or to take newer releases on purpose;
+# Run after changing a dependency range in pyproject.toml (pins that still fit are kept), or
+# with UPGRADE=1 to take the newest releases the ranges allow;
 # then `make test` and commit the lock with the change it belongs to.
 lock: | $(UV)
-	$(UV) pip compile --quiet pyproject.toml --extra test --generate-hashes $(LOCK_TARGET) \
-	  --output-file $(LOCK) --custom-compile-command 'make lock'
+	$(UV) pip compile --quiet pyproject.toml --extra test --generate-hashes $(LOCK_TARGET) $(TORCH_SOURCE) \
+	  $(if $(UPGRADE),--upgrade) --output-file $(LOCK) --custom-compile-command 'make lock'
 
 clean-venv:
 	rm -rf $(VENV)
