@@ -19,6 +19,7 @@ from xctsam.errors import InputError
 from xctsam.gan.cyclegan import ImagePool, PatchDiscriminator, ResnetGenerator, Translator
 from xctsam.gan.synthesize import file_sha256, structure_iou, synthesize
 from xctsam.gan.train import CHECKPOINT, GENERATOR, METRICS, SAMPLES, linear_decay, train_gan
+from xctsam.interrupt import Interrupted
 
 STEPS = 6
 CHECKPOINT_EVERY = 2
@@ -264,8 +265,9 @@ def test_ctrl_c_saves_the_step_it_finished_and_resumes_exactly(reference, params
     handler = signal.getsignal(signum)
     # call 5 is in step 3 (not a checkpoint step): the step completes, is saved, then we stop
     monkeypatch.setattr(TileSampler, "batch", _interrupt_at(5, lambda: os.kill(os.getpid(), signum)))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted) as stopped:
         train_gan(params, root, out_c)
+    assert stopped.value.exit_code == 128 + signum
     assert torch.load(out_c / CHECKPOINT, weights_only=True)["step"] == 3
     monkeypatch.undo()
     assert signal.getsignal(signum) is handler  # ours removed again

@@ -27,6 +27,7 @@ from xctsam.data.datasets import IntensityWindow, SliceRef
 from xctsam.data.volumes import write_volume
 from xctsam.device import pick_device
 from xctsam.errors import InputError
+from xctsam.interrupt import Interrupted
 from xctsam.models.base import Segmenter
 from xctsam.train import loop
 from xctsam.train.checkpoint import load_segmenter_checkpoint
@@ -262,8 +263,9 @@ def test_resume_after_a_pause_equals_an_uninterrupted_run(tmp_path: Path, uninte
 
 def test_ctrl_c_saves_and_the_rerun_equals_an_uninterrupted_run(tmp_path: Path, uninterrupted: loop.TrainResult) -> None:
     ctrl_c = FakeTiles(1, {9: lambda: signal.raise_signal(signal.SIGINT)})
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted) as stopped:
         train(tmp_path, sampler=ctrl_c)
+    assert stopped.value.exit_code == 130 and "at step 9" in stopped.value.message
     assert torch.load(tmp_path / LAST, weights_only=True)["step"] == 9  # the step in flight was finished
     resumed = train(tmp_path, model=make_model(seed=5))
     assert resumed.resumed_from == 9

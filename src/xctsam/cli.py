@@ -6,15 +6,16 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 
 from xctsam.errors import XctsamError
+from xctsam.interrupt import Interrupted, signals_raise
 
 app = typer.Typer(help="xctsam: SAM with Conv-LoRA for industrial XCT segmentation.", no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Make, import and inspect XCT volumes.", no_args_is_help=True)
@@ -460,7 +461,7 @@ def tune_apply(
 @tune_app.command("dashboard")
 def tune_dashboard(
     storage: StorageOption = None,
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8080,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 8080,
 ) -> None:
     """Start optuna-dashboard on the study storage (127.0.0.1); Ctrl-C stops it."""
     from xctsam.tune.dashboard import serve
@@ -469,22 +470,51 @@ def tune_dashboard(
 
 
 # ---------------------------------------------------------------- entry point
+def _show_progress_messages() -> None:
+    """The library's info lines ("resuming from step N ...") reach the user on stderr, above
+    any live progress bar (one console for both)."""
+    from rich.logging import RichHandler
+
+    from xctsam.progress import console
+
+    logger = logging.getLogger("xctsam")
+    if not logger.handlers:
+        logger.addHandler(RichHandler(console=console, show_time=False, show_path=False, show_level=False, markup=False))
+        logger.setLevel(logging.INFO)
+
+
+def _exit_code(code: object) -> int:
+    """SystemExit's code as the process exit status (None: 0; a message: printed, 1)."""
+    if code is None or isinstance(code, int):
+        return int(code or 0)
+    print(code, file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point; returns the exit code (also used by tests)."""
+    """Console-script entry point; returns the exit code (also used by tests).
+
+    Typer runs in standalone mode: usage errors (unknown command or option, missing argument,
+    invalid value) print its own short usage message and exit 2, whatever Click it ships. A
+    user error (XctsamError) is one line and code 2; a stop signal is one line and 128 + its
+    number (130 Ctrl-C, 143 SIGTERM); `raise typer.Exit(n)` in a command exits n.
+    """
+    _show_progress_messages()
     try:
-        app(args=argv, prog_name="xctsam", standalone_mode=False)
+        with signals_raise():
+            app(args=argv, prog_name="xctsam", standalone_mode=True)
+    except SystemExit as exc:
+        return _exit_code(exc.code)
     except XctsamError as exc:
         if _state["debug"]:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except Interrupted as exc:
+        print(exc.message, file=sys.stderr)
         return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        print("interrupted; finished outputs are kept, run again to resume", file=sys.stderr)
+    except KeyboardInterrupt:  # a Ctrl-C that arrived before our handler was in place
+        print(Interrupted().message, file=sys.stderr)
         return 130
     return 0
 

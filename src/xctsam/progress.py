@@ -18,7 +18,7 @@ from rich.progress import (
 )
 
 T = TypeVar("T")
-_console = Console(stderr=True)
+console = Console(stderr=True)  # bars and messages share it, so messages print above live bars
 
 
 def enabled() -> bool:
@@ -29,7 +29,7 @@ def enabled() -> bool:
 def progress_bar(*extra: ProgressColumn) -> Progress:
     """The project's bar: description, bar, done/total, `extra` columns, elapsed, remaining."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *extra, TimeElapsedColumn(), TimeRemainingColumn())
-    return Progress(*columns, console=_console, transient=False)
+    return Progress(*columns, console=console, transient=False)
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from xctsam.interrupt import STOPPED
+
 EXPERIMENT = os.environ.get("XCTSAM_EXPERIMENT", "xctsam")
 STORE_DIR = "mlruns"
 
@@ -190,15 +192,27 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None, tags: Mapping
     if parent is not None:
         _tag_parent(parent, data_hashes(project_root() / "dvc.lock"))
     run_tags = {"stage": stage, **dict(tags or {}), **({EXECUTION_TAG: key} if key else {})}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags, parent_run_id=parent) as run:
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags, parent_run_id=parent)
+    try:
         if params:
             mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
         yield run
+    except BaseException as exc:
+        mlflow.end_run(end_status(exc))
+        raise
+    mlflow.end_run("FINISHED")
     if parent is not None:
         _roll_up(run.info.run_id, parent)
         lock = project_root() / "dvc.lock"
         if lock.is_file():
             mlflow.MlflowClient().log_artifact(parent, str(lock))
+
+
+def end_status(error: BaseException | None) -> str:
+    """The MLflow status a run ends with: FINISHED, KILLED when a stop signal ended it, else FAILED."""
+    if error is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(error, STOPPED) else "FAILED"
 
 
 def parent_metric_key(metric: str, model: str | None) -> str:

@@ -14,7 +14,7 @@ Files in `out_dir`:
   metrics.json       final losses, steps/s and the structure IoU of translated slices.
   samples/           PNG grids, rows A / A->B / B, every `sample_every` steps.
 A first Ctrl-C (or SIGTERM) finishes the current step, saves the checkpoint and raises
-KeyboardInterrupt; a second one stops at once, and a hard kill (SIGKILL, power cut) loses at most
+`Interrupted`; a second one stops at once, and a hard kill (SIGKILL, power cut) loses at most
 the steps since the last periodic checkpoint.
 """
 
@@ -383,8 +383,7 @@ def _train_loop(gan: CycleGan, domains: Domains, monitor: Monitor, out_dir: Path
             if done % config.checkpoint_every == 0 or done == config.steps or latch.requested:
                 save_checkpoint(checkpoint, gan, domains, done, training_id)
             if latch.requested:
-                log.warning("interrupted at step %d; checkpoint saved, run again to resume", done)
-                raise KeyboardInterrupt
+                raise latch.interruption(f"at step {done}, {checkpoint} saved")
     return last
 
 
@@ -407,6 +406,8 @@ def train_gan(params: Params, data_root: Path, out_dir: Path, *, resume: bool = 
     torch.manual_seed(params.seed)
     gan = CycleGan(config, tuple(_seeds(params.seed)[2:]), pick_device())
     start = _restore(gan, domains, state) if state else 0
+    if start:
+        log.info("resuming from step %d of %d (%s)", start, config.steps, out_dir / CHECKPOINT)
     monitor = Monitor.build(domains, params.seed)
 
     with stage_run("gan_train", params={"seed": params.seed, "gan": config.model_dump(mode="json")}, tags={"resumed_from_step": str(start)}) as run:

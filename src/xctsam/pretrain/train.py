@@ -279,7 +279,7 @@ def pretrain_sam(
         if state is not None:
             trainer.restore(state)
             step, seconds = state["step"], state["seconds"]
-            log.info("resuming pretraining from step %d (%s)", step, state_path)
+            log.info("resuming pretraining from step %d of %d (%s)", step, config.steps, state_path)
         window: list[dict[str, float]] = []
         began = time.perf_counter() - seconds
         with InterruptLatch().installed() as latch, step_progress(config.steps, step, True) as show:
@@ -297,8 +297,7 @@ def pretrain_sam(
                 if (step % config.checkpoint_every == 0 or latch.requested) and step < config.steps:
                     save_atomic(trainer.state(training_id, step, time.perf_counter() - began), state_path)
                 if latch.requested:
-                    log.warning("interrupted at step %d; %s saved, run again to resume", step, state_path)
-                    raise KeyboardInterrupt
+                    raise latch.interruption(f"at step {step}, {state_path} saved")
         train_seconds = time.perf_counter() - began
         scores = heldout_scores(trainer.sam, config, runtime.device)
         log_metrics({**scores, "train.seconds": train_seconds}, step)

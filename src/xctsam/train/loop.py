@@ -519,8 +519,7 @@ class Run:
                 if (book.step % config.checkpoint_every == 0 or interrupted or pausing) and not finishing:
                     save_state(self.out_dir / LAST, self.trainer, book, self.sampler, self.runtime, self.training_id)
                 if interrupted:
-                    log.warning("interrupted at step %d; %s saved, run again to resume", book.step, LAST)
-                    raise KeyboardInterrupt
+                    raise latch.interruption(f"at step {book.step}, {self.out_dir / LAST} saved")
         return book, True
 
     def finish(self, book: Book, steps_per_second: float | None) -> None:
@@ -536,7 +535,7 @@ def _start(run: Run, resume: bool, seed: int) -> Book:
     """Resume from last.pt of this training, or start fresh (clearing another training's files)."""
     state = load_training_state(run.out_dir / LAST, run.training_id) if resume else None
     if state is not None:
-        log.info("resuming from step %d (%s)", state["step"], run.out_dir / LAST)
+        log.info("resuming from step %d of %d (%s)", state["step"], run.config.steps, run.out_dir / LAST)
         return restore_state(state, run.trainer, run.sampler, run.runtime)
     if run.runtime.is_main:
         for name in (LAST, BEST, SUMMARY):

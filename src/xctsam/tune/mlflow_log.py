@@ -88,13 +88,14 @@ class TrialRun:
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 
-    def finish(self, state: str, value: float | None) -> None:
-        """state: an Optuna TrialState name. Complete and pruned trials end FINISHED, others FAILED."""
+    def finish(self, state: str, value: float | None, error: BaseException | None = None) -> None:
+        """state: an Optuna TrialState name. Complete and pruned trials end FINISHED; others FAILED,
+        or KILLED when a stop signal (`error`) ended them."""
         if value is not None and not math.isnan(value):
             self.client.log_metric(self.run_id, "objective", value)
             self.client.log_metric(self.parent_id, "objective", value, step=self.number)
         self.client.set_tag(self.run_id, STATE_TAG, state)
-        self.client.set_terminated(self.run_id, "FINISHED" if state in ("COMPLETE", "PRUNED") else "FAILED")
+        self.client.set_terminated(self.run_id, "FINISHED" if state in ("COMPLETE", "PRUNED") else tracking.end_status(error or RuntimeError()))
 
 
 def mark_dead_trial(trial: Any) -> None:
@@ -108,13 +109,14 @@ def mark_dead_trial(trial: Any) -> None:
         client.set_terminated(run_id, "FAILED")
 
 
-def log_study_summary(parent_id: str, study: Any) -> None:
-    """The best value and its params on the parent, updated by each worker as it ends (FINISHED:
-    the last worker to end leaves it right; an earlier one may mark it while others still run)."""
+def log_study_summary(parent_id: str, study: Any, error: BaseException | None = None) -> None:
+    """The best value and its params on the parent, updated by each worker as it ends (its status
+    from `error`: the last worker to end leaves it right; an earlier one may mark it while others
+    still run)."""
     from optuna.trial import TrialState
 
     client = _client()
-    client.set_terminated(parent_id, "FINISHED")
+    client.set_terminated(parent_id, tracking.end_status(error))
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         return

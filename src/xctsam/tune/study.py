@@ -33,6 +33,7 @@ from typing import Any
 from xctsam import tracking
 from xctsam.config import Params, TuneConfig, load_params
 from xctsam.errors import XctsamError
+from xctsam.interrupt import STOPPED, Interrupted, signals_raise
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +261,7 @@ def run_worker(spec: WorkerSpec) -> WorkerReport:
     objective = Objective(params, spec.data_root, tune_dir(spec.root) / "trials" / spec.study_name)
     deadline = None if spec.timeout is None else time.monotonic() + spec.timeout
     report = WorkerReport({})
+    error: BaseException | None = None
     try:
         while deadline is None or time.monotonic() < deadline:
             trial = _claim(study, opened.storage, cap)
@@ -269,8 +271,11 @@ def run_worker(spec: WorkerSpec) -> WorkerReport:
                 time.sleep(params.tune.heartbeat_seconds)
                 continue
             report.trials[trial.number] = _run_trial(study, trial, objective, parent, spec)
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
-        log_study_summary(parent, study)
+        log_study_summary(parent, study, error)
     return report
 
 
@@ -301,7 +306,7 @@ def _run_trial(study: Any, trial: Any, objective: Any, parent: str, spec: Worker
         except optuna.TrialPruned as exc:
             state = TrialState.PRUNED
             log.info("trial %d pruned: %s", trial.number, exc)
-        except (Exception, KeyboardInterrupt) as exc:
+        except (Exception, *STOPPED) as exc:
             error = exc
     if state == TrialState.COMPLETE and (value is None or math.isnan(value)):
         state, error = TrialState.FAIL, TuneError(f"trial {trial.number}: {tune.metric} undefined at every epoch; more val_slices or val_volumes?")
@@ -309,8 +314,8 @@ def _run_trial(study: Any, trial: Any, objective: Any, parent: str, spec: Worker
     shown = f" {tune.metric} {frozen.value:.4f}" if frozen.state == TrialState.COMPLETE else ""
     print(f"worker {spec.worker_index}: trial {trial.number} {frozen.state.name.lower()}{shown} {values}", flush=True)
     if run is not None:
-        run.finish(frozen.state.name, frozen.value if frozen.state == TrialState.COMPLETE else None)
-    if isinstance(error, KeyboardInterrupt):
+        run.finish(frozen.state.name, frozen.value if frozen.state == TrialState.COMPLETE else None, error)
+    if isinstance(error, STOPPED):
         RetryDeadTrial(tune.max_retry).retry(study, study._storage.get_trial(trial._trial_id))
     if error is not None:
         raise error
@@ -322,12 +327,13 @@ def _worker_main(spec: WorkerSpec) -> None:
     """A spawned worker: user errors as one line and exit code 2, as the CLI does."""
     os.environ["XCTSAM_NO_PROGRESS"] = "1"  # several live progress bars would garble one terminal
     try:
-        run_worker(spec)
+        with signals_raise():
+            run_worker(spec)
     except XctsamError as exc:
         print(f"error: worker {spec.worker_index}: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except Interrupted as exc:
+        sys.exit(exc.exit_code)
 
 
 def run_workers(spec: WorkerSpec, workers: int) -> int:
@@ -343,12 +349,16 @@ def run_workers(spec: WorkerSpec, workers: int) -> int:
     try:
         for process in processes:
             process.join()
-    except KeyboardInterrupt:  # the terminal's Ctrl-C reached the workers too: let them save and stop
+    except STOPPED:  # the terminal's Ctrl-C reached the workers too: let them save and stop
         for process in processes:
             process.join()
         raise
-    codes = [process.exitcode or 0 for process in processes]
-    return max(codes, key=abs)
+    return worst_exit_code([process.exitcode or 0 for process in processes])
+
+
+def worst_exit_code(codes: list[int]) -> int:
+    """The code to exit with: the largest, a worker killed by signal N (exitcode -N) as 128 + N."""
+    return max((128 - code if code < 0 else code for code in codes), default=0)
 
 
 def study_summary(spec: WorkerSpec) -> dict[str, Any]:
