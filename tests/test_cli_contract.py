@@ -222,3 +222,14 @@ def test_stage_runs_end_killed_or_failed(tmp_path: Path, monkeypatch: pytest.Mon
         pass
     assert [_stage_run_statuses(uri, stage) for stage in ("killed", "failed", "finished")] == [["KILLED"], ["FAILED"], ["FINISHED"]]
 
+
+
+def test_a_failed_tuning_worker_fails_the_command(tmp_path: Path, tiny_params: dict) -> None:
+    """Two workers whose trials find no training data: each exits 2, and so does `tune run`."""
+    from .test_tune import make_tune_project
+
+    make_tune_project(tmp_path, tiny_params)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    done = run_cli("tune", "run", "--n-trials", "2", "--workers", "2", "--root", str(tmp_path / "nowhere"), cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("error: worker") == 2 and "Traceback" not in done.stderr
