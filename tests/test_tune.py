@@ -195,7 +195,7 @@ def test_dashboard_serves_the_study_storage_and_stops_on_ctrl_c(tmp_path: Path) 
         studies = json.loads(answer[1])["study_summaries"]
         assert [study["study_name"] for study in studies] == ["shown"]  # the project's default storage
         server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=30) == 0
+        assert server.wait(timeout=30) == 130
     finally:
         if server.poll() is None:
             server.kill()

@@ -1,26 +1,115 @@
-"""Reading a finished (or running) study: best trials, parameter importances, the values to apply."""
+"""Reading a finished (or running) study: best trials, parameter importances, the values to apply.
+
+Reading never writes: no tune/ folder, no SQLite file, no Optuna tables in someone's database.
+A storage that cannot be read, or holds no study yet, is one line (TuneError) naming the URL
+without its password.
+"""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-from xctsam.tune.study import TuneError, resolve_storage_url, storage_label
+from xctsam.tune.study import DB_NAME, TuneError, storage_label, tune_dir
+
+
+def read_storage_url(storage: str | None) -> str:
+    """The storage to read: `storage`, or the project's SQLite file (unlike resolve_storage_url,
+    which makes its folder for a search about to write there)."""
+    return storage or f"sqlite:///{tune_dir() / DB_NAME}"
+
+
+def open_study_storage(storage: str | None) -> Any:
+    """The RDBStorage at `storage` holding at least one study, opened without creating anything."""
+    import optuna
+
+    url = read_storage_url(storage)
+    if _missing_sqlite_file(url):  # connecting would create it
+        raise _no_study_yet(url, " (no such file)")
+    if not _has_optuna_tables(url):
+        raise _no_study_yet(url)
+    try:
+        # skip_table_creation: the tables are there (checked above), and this is no place to add them
+        opened = optuna.storages.RDBStorage(url, skip_table_creation=True)
+    except RuntimeError as exc:  # tables of another Optuna version; the message says how to upgrade
+        raise TuneError(f"storage {storage_label(url)}: {exc}") from None
+    if not opened.get_all_studies():
+        raise _no_study_yet(url)
+    return opened
+
+
+def _no_study_yet(url: str, why: str = "") -> TuneError:
+    return TuneError(f"storage {storage_label(url)}: no study yet{why}; run `xctsam tune run` first, or point --storage at the study's database")
+
+
+def _database_url(url: str) -> Any:
+    """SQLAlchemy's parsed URL; one line when `url` is none."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url)
+    except ArgumentError as exc:
+        raise _not_a_database_url(url, exc) from None
+
+
+def _not_a_database_url(url: str, exc: Exception) -> TuneError:
+    return TuneError(f"storage {storage_label(url)}: not a database URL ({_first_line(exc, url)}); use e.g. sqlite:///tune/optuna.db or postgresql://user@host/db")
+
+
+def _missing_sqlite_file(url: str) -> bool:
+    parsed = _database_url(url)
+    in_memory = parsed.database in (None, "", ":memory:")
+    return parsed.get_backend_name() == "sqlite" and not in_memory and not Path(parsed.database).is_file()
+
+
+def _has_optuna_tables(url: str) -> bool:
+    """Whether the database at `url` holds Optuna's tables; one line when it cannot be reached."""
+    import sqlalchemy
+    from sqlalchemy.exc import ArgumentError, DBAPIError
+
+    label = storage_label(url)
+    try:
+        engine = sqlalchemy.create_engine(_database_url(url))
+    except ArgumentError as exc:  # NoSuchModuleError (an unknown dialect) is one
+        raise _not_a_database_url(url, exc) from None
+    except ImportError as exc:  # a dialect whose driver package is not installed
+        raise TuneError(f"storage {label}: its database driver is missing ({_first_line(exc, url)}); use a postgresql:// or sqlite:/// URL") from None
+    try:
+        with engine.connect() as connection:
+            return sqlalchemy.inspect(connection).has_table("studies")
+    except DBAPIError as exc:
+        raise TuneError(f"storage {label}: cannot connect ({_first_line(exc.orig, url)}); check the URL and that the database server runs") from None
+    finally:
+        engine.dispose()
+
+
+def _first_line(exc: BaseException, url: str) -> str:
+    """The first line of an error, with the URL's password (should a driver echo it) masked."""
+    from sqlalchemy.engine import make_url
+
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    try:
+        password = make_url(url).password
+    except Exception:  # an unparsable URL has no password to hide
+        password = None
+    return text.replace(password, "***") if password else text
 
 
 def load_study(study_name: str, storage: str | None) -> Any:
-    """An existing study, read-only use; one line when it does not exist."""
+    """An existing study, read-only use; one line when it or its storage does not exist."""
     import optuna
 
-    url = resolve_storage_url(storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    opened = open_study_storage(storage)
     try:
-        return optuna.load_study(study_name=study_name, storage=url)
+        return optuna.load_study(study_name=study_name, storage=opened)
     except KeyError:
-        names = ", ".join(optuna.get_all_study_names(url)) or "none"
-        raise TuneError(f"storage {storage_label(url)}: no study '{study_name}' (studies: {names}); check --study-name/--storage") from None
+        names = ", ".join(study.study_name for study in opened.get_all_studies())
+        raise TuneError(f"storage {storage_label(read_storage_url(storage))}: no study '{study_name}' (studies: {names}); check --study-name/--storage") from None
 
 
 def ranked_trials(study: Any) -> list[Any]:
