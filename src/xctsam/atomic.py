@@ -1,13 +1,56 @@
-"""Write-then-rename helpers: a failure leaves nothing half-made under the final name."""
+"""Write-then-rename helpers: a failure leaves nothing half-made under the final name.
+
+They also turn the write failures a user can fix into one-line `InputError`s: a file where a
+folder must be (`--out somefile/x.h5`), a full disk (ENOSPC) or a file size limit (EFBIG).
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from xctsam.errors import InputError
+
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_DISK_FULL_REMEDY = "free space or choose another --out/--root"
+
+
+class DiskFullError(InputError):
+    """Writing `path` failed for want of space (full disk, quota, file size limit)."""
+
+    def __init__(self, path: Path | str, problem: str = "no space left on device") -> None:
+        super().__init__(path, problem, _DISK_FULL_REMEDY)
+
+
+@contextmanager
+def _disk_full_names(final: Path) -> Iterator[None]:
+    """Turn an OSError for want of space inside the block into a DiskFullError naming `final`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL:
+            raise
+        raise DiskFullError(final, os.strerror(exc.errno).lower()) from None
+
+
+def ensure_folder(folder: Path) -> None:
+    """Create `folder` and its parents; a file in the way is named instead of a traceback."""
+    folder = Path(folder)
+    for existing in (folder, *folder.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                needed = "" if existing == folder else f" (to create {folder})"
+                raise InputError(existing, f"is a file where a folder is needed{needed}", "choose another --out/--root, or move the file")
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(folder, f"cannot create this folder ({exc.strerror})", "choose another --out/--root") from None
 
 
 def _umask() -> int:
@@ -27,17 +70,25 @@ def _publish(tmp: Path, final: Path, mode: int) -> None:
 
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; rename it onto `final` only if the block succeeds."""
+    """Yield a temporary sibling path; rename it onto `final` only if the block succeeds.
+
+    A full disk while the block writes becomes a DiskFullError naming `final`.
+    """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    if final.is_dir():
+        raise InputError(final, "is a folder", "give a file name")
+    ensure_folder(final.parent)
+    tmp: Path | None = None
     try:
-        yield tmp
-        _publish(tmp, final, 0o666)
+        with _disk_full_names(final):
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+            os.close(fd)
+            tmp = Path(tmp_name)
+            yield tmp
+            _publish(tmp, final, 0o666)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -48,15 +99,44 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     is untouched and no partial new one appears.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    if final.exists() and not final.is_dir():
+        raise InputError(final, "is a file, not a folder", "choose another --out/--root, or move the file")
+    ensure_folder(final.parent)
+    with _disk_full_names(final):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        _publish(tmp, final, 0o777)
+        with _disk_full_names(final):
+            yield tmp
+            _replace_folder(tmp, final)
+    except DiskFullError as exc:
+        # a file staged inside tmp is named where it was going to be
+        raise DiskFullError(_moved(exc.path, tmp, final), exc.problem) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_folder(tmp: Path, final: Path) -> None:
+    """Put folder `tmp` in place of `final`. The old one is renamed aside first (a rename cannot
+    half-fail the way deleting a tree can), so a failure leaves it where it was."""
+    if not final.exists():
+        _publish(tmp, final, 0o777)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+    os.replace(final, old)  # renaming a folder onto an empty one replaces it
+    try:
+        _publish(tmp, final, 0o777)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _moved(path: Path, tmp: Path, final: Path) -> Path:
+    """`path` inside `tmp` as it would be inside `final` (unchanged when not inside `tmp`)."""
+    try:
+        return final / Path(path).relative_to(tmp)
+    except ValueError:
+        return Path(path)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

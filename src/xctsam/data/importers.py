@@ -33,11 +33,15 @@ import tifffile
 from PIL import Image
 
 from xctsam import __version__
-from xctsam.atomic import atomic_dir, remove_created_dirs_on_failure
+from xctsam.atomic import atomic_dir, atomic_path, remove_created_dirs_on_failure, write_text_atomic
+from xctsam.data.checks import check_fits_in_memory, check_real_dtype, nbytes
 from xctsam.data.volumes import (
     MANIFEST,
     VolumeWriter,
     check_same_shape,
+    manifest_entry,
+    manifest_text,
+    split_volumes,
     write_manifest,
 )
 from xctsam.errors import InputError
@@ -255,8 +259,12 @@ def find_samgan_scans(split_dir: Path) -> list[SamganScan]:
 
 def _open_png(path: Path) -> Image.Image:
     try:
-        image = Image.open(path)
+        image = Image.open(path)  # reads the header only
+        # the header's size, before decoding allocates it (4 bytes a pixel covers 32-bit grey)
+        check_fits_in_memory(path, image.width * image.height * 4, f"decoding its {image.width} x {image.height} pixels")
         image.load()  # decoding happens here: truncation and bad data show up now, not later
+    except Image.DecompressionBombError as exc:
+        raise InputError(path, f"PNG claims too many pixels: {exc}", "check the file; slices are at most a few thousand pixels wide") from None
     except _DECODE_ERRORS as exc:
         raise InputError(
             path,
@@ -414,14 +422,25 @@ class SliceStack(Protocol):
 
     shape: tuple[int, int, int]
     dtype: np.dtype
+    reads_whole: bool  # True when the first read decodes the whole volume at once
 
     def read(self, z0: int, z1: int) -> np.ndarray: ...
 
     def file_of(self, z: int) -> Path: ...
 
 
+def _unreadable_tiff(path: Path, exc: BaseException) -> InputError:
+    return InputError(path, f"unreadable TIFF (corrupt or truncated?): {exc}", "replace the file with a good copy")
+
+
 class _TiffFolder:
-    """A folder of single-slice TIFFs in natural name order (slice_2 before slice_10)."""
+    """A folder of single-slice TIFFs in natural name order (slice_2 before slice_10).
+
+    Each file's header is checked (one grey slice of the first file's size) before its pixels
+    are decoded, so a file claiming a huge size is refused instead of allocated.
+    """
+
+    reads_whole = False
 
     def __init__(self, folder: Path) -> None:
         _require_exists(folder, "TIFF folder", folder=True)
@@ -436,40 +455,49 @@ class _TiffFolder:
         if not self.files:
             raise InputError(folder, "no TIFF slices", "give a folder of .tif slices")
         self.files.sort(key=_natural_key)
-        first = self._read_file(self.files[0])
-        self.shape = (len(self.files), *first.shape)
-        self.dtype = first.dtype
+        with self._open(self.files[0]) as tif:
+            first = self._slice_series(self.files[0], tif)
+            self.shape = (len(self.files), *first.shape)
+            self.dtype = first.dtype
 
     @staticmethod
-    def _read_file(path: Path) -> np.ndarray:
+    def _open(path: Path) -> tifffile.TiffFile:
         try:
-            array = tifffile.imread(path)
+            return tifffile.TiffFile(path)
         except _DECODE_ERRORS as exc:
+            raise _unreadable_tiff(path, exc) from None
+
+    @staticmethod
+    def _slice_series(path: Path, tif: tifffile.TiffFile) -> tifffile.TiffPageSeries:
+        """The file's one grey slice, from its header (no pixel decoded yet)."""
+        try:
+            series = tif.series[0]
+        except _DECODE_ERRORS as exc:
+            raise _unreadable_tiff(path, exc) from None
+        if len(series.shape) != 2:
             raise InputError(
                 path,
-                f"unreadable TIFF (corrupt or truncated?): {exc}",
-                "replace the file with a good copy",
-            ) from None
-        if array.ndim != 2:
-            raise InputError(
-                path,
-                f"holds an array of shape {array.shape}, not one grey slice",
+                f"holds an array of shape {tuple(series.shape)}, not one grey slice",
                 "use format `tiff` for multi-page stacks; convert colour to grey",
             )
-        return array
+        return series
 
-    def read(self, z0: int, z1: int) -> np.ndarray:
-        slab = []
-        for path in self.files[z0:z1]:
-            array = self._read_file(path)
-            if array.shape != self.shape[1:]:
+    def _read_file(self, path: Path) -> np.ndarray:
+        with self._open(path) as tif:
+            series = self._slice_series(path, tif)
+            if tuple(series.shape) != self.shape[1:]:
                 raise InputError(
                     path,
-                    f"slice size {array.shape} differs from the first slice's {self.shape[1:]} ({self.files[0].name})",
+                    f"slice size {tuple(series.shape)} differs from the first slice's {self.shape[1:]} ({self.files[0].name})",
                     "all slices of a volume must have one size",
                 )
-            slab.append(array)
-        return np.stack(slab)
+            try:
+                return series.asarray()
+            except _DECODE_ERRORS as exc:
+                raise _unreadable_tiff(path, exc) from None
+
+    def read(self, z0: int, z1: int) -> np.ndarray:
+        return np.stack([self._read_file(path) for path in self.files[z0:z1]])
 
     def file_of(self, z: int) -> Path:
         return self.files[z]
@@ -513,6 +541,7 @@ class _MultiPageTiff:
         self._pages = (
             pages if len(pages) == shape[0] and all(p is not None for p in pages) else None
         )
+        self.reads_whole = self._pages is None
         self._whole: np.ndarray | None = None
 
     def _decode(self, read: Any) -> np.ndarray:
@@ -540,6 +569,8 @@ class _MultiPageTiff:
 
 class _Hdf5Dataset:
     """A 3-D dataset inside an HDF5 file, read by slabs."""
+
+    reads_whole = False
 
     def __init__(self, path: Path, dataset: str, stack: ExitStack) -> None:
         _require_exists(path, "HDF5 file")
@@ -592,6 +623,8 @@ def _hdf5_datasets(file: h5py.File) -> list[str]:
 
 class _NpyArray:
     """A 3-D .npy array, memory-mapped so only the slabs being copied are read."""
+
+    reads_whole = False
 
     def __init__(self, path: Path) -> None:
         _require_exists(path, "NPY file")
@@ -647,10 +680,28 @@ def _volume_name(source: Path, name: str | None) -> str:
     return chosen
 
 
+def _slab_for(image: SliceStack) -> int:
+    """Slices copied at a time: about _SLAB_BYTES of the source (at least one slice)."""
+    return _slab_length(image.shape[1:], max(image.dtype.itemsize, 4))
+
+
+def _check_copy_memory(image: SliceStack, labels: SliceStack | None) -> None:
+    """Refuse a copy whose reads would not fit in memory (the sizes come from file headers)."""
+
+    def held(stack: SliceStack) -> int:  # bytes of one read, decoded
+        slices = stack.shape[0] if stack.reads_whole else min(_slab_for(image), stack.shape[0])
+        return nbytes((slices, *stack.shape[1:]), stack.dtype)
+
+    # plus, per slice written, its float32 copy (the stored type) and the NaN/inf check's mask
+    as_float = 0 if image.dtype == np.float32 else nbytes(image.shape[1:], np.float32)
+    needed = held(image) + (held(labels) if labels is not None else 0) + as_float + nbytes(image.shape[1:], np.bool_)
+    check_fits_in_memory(image.file_of(0), needed, f"importing {'x'.join(map(str, image.shape))} {image.dtype} voxels")
+
+
 def _copy_stacks(image: SliceStack, labels: SliceStack | None, out: VolumeWriter) -> None:
     """Stream `image` (and `labels`) into `out`, checking each label slice against its own file."""
     n_slices = image.shape[0]
-    slab = _slab_length(image.shape[1:], max(image.dtype.itemsize, 4))
+    slab = _slab_for(image)
     for z0 in track(
         range(0, n_slices, slab), f"import {out.path.name}", total=-(-n_slices // slab)
     ):
@@ -708,6 +759,24 @@ def _volume_attrs(
     return attrs
 
 
+def _sibling_entries(split_dir: Path, replacing: str) -> list[dict[str, Any]]:
+    """Manifest entries of the split's other volumes. The manifest lists every volume, so a
+    corrupt one stops the import (named) before anything is renamed into place."""
+    entries = []
+    for other in split_volumes(split_dir):
+        if other.name == replacing:
+            continue
+        try:
+            entries.append(manifest_entry(other))
+        except InputError as exc:
+            raise InputError(
+                exc.path,
+                f"{exc.problem} (another volume of split {split_dir.name}, listed in its manifest)",
+                f"{exc.remedy or 're-create it'}, or move it out of the split",
+            ) from None
+    return entries
+
+
 def import_volume(
     source: Path,
     fmt: str,
@@ -722,23 +791,28 @@ def import_volume(
     """Import one volume (and optional labels, same format, values 0..3) into `split_dir`.
 
     Writes `split_dir/<name or source stem>.h5` (replacing a volume of that name) and refreshes
-    the split's manifest; other volumes of the split are untouched.
+    the split's manifest; other volumes of the split are untouched. All or nothing: the volume
+    and the manifest are staged under temporary names and renamed into place together, so a
+    failure (bad input, a corrupt sibling volume, a full disk) leaves the split as it was.
     """
     source, split_dir = Path(source), Path(split_dir)
     path = split_dir / f"{_volume_name(source, name)}.h5"
     extras = _manifest_extras(split_dir)
     with remove_created_dirs_on_failure([split_dir]), ExitStack() as files:
         image = open_stack(source, fmt, dataset, files)
+        # from the headers: complex or text data is refused before a voxel is read
+        check_real_dtype(image.dtype, source, "image")
         label_stack = open_stack(Path(labels), fmt, label_dataset, files) if labels else None
         if label_stack is not None:
+            check_real_dtype(label_stack.dtype, Path(labels), "labels")
             check_same_shape(image.shape, label_stack.shape, Path(labels))
+        _check_copy_memory(image, label_stack)
         attrs = _volume_attrs(source, fmt, path, image.dtype, labels, voxel_size_mm)
-        with VolumeWriter(path, image.shape, labelled=label_stack is not None, attrs=attrs) as out:
-            _copy_stacks(image, label_stack, out)
-        try:
-            write_manifest(split_dir, split_dir.name, extras)
-        except BaseException:
-            # Another volume of the split is unreadable: do not leave this one half-registered.
-            path.unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as staged_volume:
+            with VolumeWriter(staged_volume, image.shape, labelled=label_stack is not None, attrs=attrs, atomic=False) as out:
+                _copy_stacks(image, label_stack, out)
+            # after the input is known good, so its problems are the ones reported first
+            entries = [*_sibling_entries(split_dir, path.name), manifest_entry(staged_volume, path.name)]
+            # renamed into place last thing before the volume is
+            write_text_atomic(split_dir / MANIFEST, manifest_text(split_dir.name, entries, extras))
     return path

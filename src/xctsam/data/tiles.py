@@ -63,9 +63,12 @@ def read_context(reader: ContextReader, ref: SliceRef, context: int) -> np.ndarr
 
 # ---------------------------------------------------------------- validation hold-out
 def volume_refs(path: Path) -> list[SliceRef]:
+    """Every slice of a labelled volume, its labels checked once here: a value outside 0..3 is
+    refused when the data is loaded, not as an IndexError in the loss after some steps."""
     with Volume(path) as volume:
         if not volume.has_labels:
             raise InputError(path, "volume has no labels", "train and validate on labelled splits only")
+        volume.validate_labels()
         return [SliceRef(path, z) for z in range(volume.n_slices)]
 
 

@@ -8,9 +8,11 @@ lists) is stored as JSON text with a `json:` prefix so any HDF5 tool can still s
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import h5py
@@ -18,6 +20,13 @@ import numpy as np
 
 from xctsam import CLASS_NAMES, NUM_CLASSES
 from xctsam.atomic import atomic_path, write_text_atomic
+from xctsam.data.checks import (
+    LABEL_REMEDY,
+    check_finite,
+    check_label_dtype,
+    check_label_values,
+    check_real_dtype,
+)
 from xctsam.errors import InputError
 
 if TYPE_CHECKING:
@@ -35,30 +44,24 @@ _LABEL_COMPRESSION = {"compression": "gzip", "compression_opts": 1}
 
 
 # ---------------------------------------------------------------- validation
-def check_image(image: np.ndarray, source: Path | str) -> np.ndarray:
-    """Return `image` as float32, refusing NaN/inf with the file named."""
+def check_image(image: np.ndarray, source: Path | str, first_slice: int = 0) -> np.ndarray:
+    """Return `image` as float32, refusing non-real dtypes and NaN/inf with the file (and slice) named."""
     image = np.asarray(image)
-    if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
-        raise InputError(source, f"image has non-numeric dtype {image.dtype}", "give grey-value images")
+    check_real_dtype(image.dtype, source, "image")
     image = image.astype(np.float32, copy=False)
-    if not np.isfinite(image).all():
-        bad = int((~np.isfinite(image)).sum())
-        raise InputError(source, f"image holds {bad} NaN/inf values", "fix or mask them before import")
+    check_finite(image, source, first_slice, "fix or mask them before import")
     return image
 
 
-def check_labels(labels: np.ndarray, source: Path | str) -> np.ndarray:
+def check_labels(labels: np.ndarray, source: Path | str, first_slice: int | None = None) -> np.ndarray:
     """Return `labels` as uint8, refusing any value outside 0..3."""
     labels = np.asarray(labels)
-    if not np.issubdtype(labels.dtype, np.integer) and labels.dtype != bool:
-        if np.issubdtype(labels.dtype, np.floating) and np.isfinite(labels).all() and (labels == np.round(labels)).all():
-            labels = labels.astype(np.int64)
-        else:
-            raise InputError(source, f"labels have dtype {labels.dtype}, not integer", "labels must be 0..3")
-    low, high = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
-    if low < 0 or high >= NUM_CLASSES:
-        bad = sorted(set(np.unique(labels).tolist()) - set(range(NUM_CLASSES)))[:5]
-        raise InputError(source, f"unknown label value(s) {bad}", "labels must be 0 background, 1 material, 2 pore, 3 inclusion")
+    check_real_dtype(labels.dtype, source, "labels")
+    if labels.dtype.kind == "f":  # whole-number floats (some tools save masks so) are accepted
+        if not (np.isfinite(labels).all() and (labels == np.round(labels)).all()):
+            raise InputError(source, f"labels have dtype {labels.dtype} with fractional or NaN values, not integer", LABEL_REMEDY)
+        labels = labels.astype(np.int64)
+    check_label_values(labels, source, first_slice)
     return labels.astype(np.uint8, copy=False)
 
 
@@ -88,26 +91,90 @@ def _decode_attr(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------- writing
+class _LatchedWrites:
+    """The file object HDF5 writes a new volume through (h5py's file-object driver).
+
+    HDF5 cannot recover from a failed write: after "No space left on device" while flushing,
+    the file can neither be closed nor left (the process segfaults at exit). So the first
+    OSError of a write is kept here and later writes are dropped (the temporary file is
+    deleted anyway): HDF5 closes cleanly and the writer raises the kept error afterwards.
+    """
+
+    def __init__(self, path: Path) -> None:
+        # unbuffered, so a write error surfaces in write(); closed by close()
+        self._raw = open(path, "w+b", buffering=0)  # noqa: SIM115
+        self.error: OSError | None = None
+
+    def readinto(self, buffer: Any) -> int | None:
+        return self._raw.readinto(buffer)
+
+    def read(self, size: int = -1) -> bytes | None:
+        return self._raw.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                while view.nbytes:  # a write cut short by a full disk returns fewer bytes
+                    view = view[self._raw.write(view) :]
+            except OSError as exc:
+                self.error = exc
+        return memoryview(data).nbytes
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self._raw.truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return self._raw.tell() if size is None else size
+
+    def flush(self) -> None:
+        """Nothing is buffered here (unbuffered file)."""
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self, exc_type: type[BaseException] | None = None, exc: BaseException | None = None, tb: TracebackType | None = None) -> None:
+        """Close the file; raise a kept write error unless another error is already on its way."""
+        self._raw.close()
+        if exc_type is None:
+            self.raise_error()
+
+
 class VolumeWriter:
     """Streams slabs of slices into a new volume file, renamed into place only when complete.
 
     with VolumeWriter(path, shape, labelled=True, attrs={...}) as out:
         out.write(z0, image_slab, label_slab)
+
+    `atomic=False` writes `path` itself: for callers that stage the file under a temporary
+    name of their own and publish it together with other files (an import and its manifest).
     """
 
-    def __init__(self, path: Path, shape: tuple[int, int, int], *, labelled: bool, attrs: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, path: Path, shape: tuple[int, int, int], *, labelled: bool, attrs: Mapping[str, Any] | None = None, atomic: bool = True) -> None:
         if len(shape) != 3 or min(shape) < 1:
             raise ValueError(f"volume shape must be 3 positive sizes, got {shape}")
         self.path = Path(path)
         self.shape = tuple(int(s) for s in shape)
         self.labelled = labelled
         self.attrs = dict(attrs or {})
+        self.atomic = atomic
         self._written = np.zeros(self.shape[0], dtype=bool)
         self._stack = ExitStack()
 
     def __enter__(self) -> VolumeWriter:
-        tmp = self._stack.enter_context(atomic_path(self.path))
-        self._file = self._stack.enter_context(h5py.File(tmp, "w"))
+        target = self._stack.enter_context(atomic_path(self.path)) if self.atomic else self.path
+        self._sink = _LatchedWrites(target)
+        self._stack.push(self._sink.close)  # after HDF5 has closed (the stack unwinds in reverse)
+        self._file = self._stack.enter_context(h5py.File(self._sink, "w"))
         chunk = (1, *self.shape[1:])
         self._image = self._file.create_dataset(IMAGE, shape=self.shape, dtype=np.float32, chunks=chunk, **_IMAGE_COMPRESSION)
         self._labels = (
@@ -130,9 +197,10 @@ class VolumeWriter:
 
         `source` / `label_source` name the input files in error messages.
         """
+        self._sink.raise_error()  # an earlier write failed (a full disk): stop feeding HDF5
         where = source or self.path
         label_where = label_source or where
-        image = check_image(image, where)
+        image = check_image(image, where, z0)
         image = image[None] if image.ndim == 2 else image
         if image.shape[1:] != self.shape[1:]:
             raise InputError(where, f"slice size {image.shape[1:]} differs from the volume's {self.shape[1:]}", "all slices of a volume must have one size")
@@ -143,7 +211,7 @@ class VolumeWriter:
         if self.labelled:
             if labels is None:
                 raise ValueError("labelled volume written without labels")
-            labels = check_labels(labels, label_where)
+            labels = check_labels(labels, label_where, z0)
             labels = labels[None] if labels.ndim == 2 else labels
             check_same_shape(image.shape, labels.shape, label_where)
             self._labels[z0:z1] = labels
@@ -191,9 +259,16 @@ class Volume:
             raise InputError(self.path, f"no 3-D '{IMAGE}' dataset", "volumes need image (Z, Y, X)")
         self._image = self._file[IMAGE]
         self._labels = self._file.get(LABELS, None)
-        if self._labels is not None and self._labels.shape != self._image.shape:
+        try:
+            # from the header: a complex or text volume is refused before any slice is read
+            check_real_dtype(self._image.dtype, self.path, "image")
+            if self._labels is not None:
+                check_label_dtype(self._labels.dtype, self.path)
+                if self._labels.shape != self._image.shape:
+                    raise InputError(self.path, f"labels shape {self._labels.shape} differs from image shape {self._image.shape}")
+        except InputError:
             self.close()
-            raise InputError(self.path, f"labels shape {self._labels.shape} differs from image shape {self._image.shape}")
+            raise
 
     def __enter__(self) -> Volume:
         return self
@@ -221,13 +296,26 @@ class Volume:
         return {key: _decode_attr(value) for key, value in self._file.attrs.items()}
 
     def image(self, z0: int = 0, z1: int | None = None) -> np.ndarray:
-        """Slices z0..z1 of the image as float32 (Z, Y, X)."""
-        return np.asarray(self._image[z0:z1], dtype=np.float32)
+        """Slices z0..z1 of the image as float32 (Z, Y, X); NaN/inf are refused, naming the slice."""
+        image = np.asarray(self._image[z0:z1], dtype=np.float32)
+        check_finite(image, self.path, z0, "replace them (e.g. numpy.nan_to_num) and write the volume again")
+        return image
 
-    def labels(self, z0: int = 0, z1: int | None = None) -> np.ndarray:
+    def labels(self, z0: int = 0, z1: int | None = None, *, check: bool = True) -> np.ndarray:
+        """Slices z0..z1 of the labels as uint8; values outside 0..3 are refused unless `check` is False
+        (then they are returned as stored, for tools that report them)."""
         if self._labels is None:
             raise InputError(self.path, "volume has no labels", "use a labelled split")
-        return np.asarray(self._labels[z0:z1], dtype=np.uint8)
+        labels = np.asarray(self._labels[z0:z1])
+        if not check:
+            return labels
+        check_label_values(labels, self.path, z0)
+        return labels.astype(np.uint8, copy=False)
+
+    def validate_labels(self, slab: int = 32) -> None:
+        """Read every label slab once, refusing values outside 0..3 (before training, not mid-way)."""
+        for z0 in range(0, self.n_slices, slab):
+            self.labels(z0, z0 + slab)
 
     def iter_slabs(self, slab: int = 16) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
         """(z0, image slab, label slab or None) in order, `slab` slices at a time."""
@@ -237,13 +325,31 @@ class Volume:
 
 
 def label_counts(path: Path | str, slab: int = 32) -> np.ndarray:
-    """Voxel count per class over a whole volume, streamed slab by slab."""
+    """Voxel count per class over a whole volume, streamed slab by slab; unknown values are refused."""
     counts = np.zeros(NUM_CLASSES, dtype=np.int64)
     with Volume(path) as volume:
         for z0 in range(0, volume.n_slices, slab):
             labels = volume.labels(z0, z0 + slab)
             counts += np.bincount(labels.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
     return counts
+
+
+def label_histogram(path: Path | str, slab: int = 32) -> Counter[int]:
+    """Voxel count of every stored label value, unknown ones included (for reports)."""
+    counts: Counter[int] = Counter()
+    with Volume(path) as volume:
+        for z0 in range(0, volume.n_slices, slab):
+            counts.update(_value_counts(volume.labels(z0, z0 + slab, check=False)))
+    return counts
+
+
+def _value_counts(labels: np.ndarray) -> dict[int, int]:
+    if labels.dtype == np.uint8:  # the stored type: one bincount, no sort
+        numbers = np.bincount(labels.ravel(), minlength=256)
+        values = np.flatnonzero(numbers)
+        return dict(zip(values.tolist(), numbers[values].tolist(), strict=True))
+    values, numbers = np.unique(labels, return_counts=True)
+    return dict(zip(values.tolist(), numbers.tolist(), strict=True))
 
 
 # ---------------------------------------------------------------- manifests
@@ -256,18 +362,30 @@ def split_volumes(split_dir: Path) -> list[Path]:
     return sorted(Path(split_dir).glob("*.h5"))
 
 
+def manifest_entry(path: Path, name: str | None = None) -> dict[str, Any]:
+    """What a manifest says about one volume file (listed as `name`, default its own file name)."""
+    with Volume(path) as volume:
+        entry: dict[str, Any] = {"file": name or Path(path).name, "shape": list(volume.shape), "labelled": volume.has_labels}
+    if entry["labelled"]:
+        counts = label_counts(path)
+        entry["class_fractions"] = {label: float(c) / float(counts.sum()) for label, c in zip(CLASS_NAMES, counts, strict=False)}
+    return entry
+
+
+def _manifest(split: str, entries: Iterable[Mapping[str, Any]], extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The split's name, its volumes in file-name order, then keys other stages put there."""
+    return {"split": split, "volumes": sorted(entries, key=lambda entry: entry["file"]), **dict(extra or {})}
+
+
+def manifest_text(split: str, entries: Iterable[Mapping[str, Any]], extra: Mapping[str, Any] | None = None) -> str:
+    """manifest.json's content, for callers that stage it with other files."""
+    return json.dumps(_manifest(split, entries, extra), indent=2) + "\n"
+
+
 def write_manifest(split_dir: Path, split: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Describe every volume of a split (shape, labelled, class fractions) in manifest.json."""
     split_dir = Path(split_dir)
-    entries = []
-    for path in split_volumes(split_dir):
-        with Volume(path) as volume:
-            entry: dict[str, Any] = {"file": path.name, "shape": list(volume.shape), "labelled": volume.has_labels}
-        if entry["labelled"]:
-            counts = label_counts(path)
-            entry["class_fractions"] = {name: float(c) / float(counts.sum()) for name, c in zip(CLASS_NAMES, counts, strict=False)}
-        entries.append(entry)
-    manifest = {"split": split, "volumes": entries, **dict(extra or {})}
+    manifest = _manifest(split, [manifest_entry(path) for path in split_volumes(split_dir)], extra)
     write_text_atomic(split_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -283,7 +401,7 @@ def describe_volumes(paths: Iterable[Path]) -> Table:
     """A table of shape, labels and class fractions for volume files or split folders."""
     from rich.table import Table
 
-    table = Table("volume", "shape", "labelled", *CLASS_NAMES)
+    table = Table("volume", "shape", "labelled", *CLASS_NAMES, "unknown labels")
     for given in paths:
         files = split_volumes(given) if Path(given).is_dir() else [Path(given)]
         if not files:
@@ -291,9 +409,18 @@ def describe_volumes(paths: Iterable[Path]) -> Table:
         for path in files:
             with Volume(path) as volume:
                 shape, labelled = volume.shape, volume.has_labels
-            fractions = ["-"] * len(CLASS_NAMES)
+            fractions, unknown = ["-"] * len(CLASS_NAMES), "-"
             if labelled:
-                counts = label_counts(path)
-                fractions = [f"{c / counts.sum():.5f}" for c in counts]
-            table.add_row(str(path), "x".join(map(str, shape)), "yes" if labelled else "no", *fractions)
+                fractions, unknown = _label_columns(label_histogram(path))
+            table.add_row(str(path), "x".join(map(str, shape)), "yes" if labelled else "no", *fractions, unknown)
     return table
+
+
+def _label_columns(histogram: Mapping[int, int]) -> tuple[list[str], str]:
+    """Fraction of each class among all labelled voxels, and the unknown values with their counts:
+    shown rather than dropped, so a broken label file is visible before training on it."""
+    total = max(sum(histogram.values()), 1)
+    fractions = [f"{histogram.get(label, 0) / total:.5f}" for label in range(NUM_CLASSES)]
+    unknown = {value: count for value, count in histogram.items() if not 0 <= value < NUM_CLASSES}
+    text = ", ".join(f"{value}: {count} voxels" for value, count in sorted(unknown.items()))
+    return fractions, text or "-"

@@ -23,6 +23,7 @@ labels (uint8, zlib-compressed, written page by page).
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, nullcontext
@@ -35,6 +36,7 @@ from scipy.signal.windows import gaussian
 
 from xctsam import NUM_CLASSES
 from xctsam.config import PredictConfig
+from xctsam.data.checks import check_fits_in_memory, nbytes
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.tiles import context_indices as tile_context
 from xctsam.data.volumes import Volume, VolumeWriter
@@ -188,6 +190,24 @@ def _labels(model: Segmenter, probabilities: np.ndarray, device: torch.device) -
 
 
 # ---------------------------------------------------------------- the public loop
+def working_memory(shape: tuple[int, int, int], context: int, tile: int) -> int:
+    """Bytes the streaming loop holds for one slice of a volume of `shape` (a generous count).
+
+    float32 planes of one (padded) slice: the rolling window of context + 1 normalised slices
+    and the slice being read, the context stack and its padded copy, then per pending slice
+    the blended class scores and weights and the normalised probabilities, labels on top.
+    """
+    height, width = max(shape[1], tile), max(shape[2], tile)
+    planes = (context + 2) + 2 * context + (NUM_CLASSES + 1) + 2 * NUM_CLASSES + 1
+    return nbytes((planes, height, width), np.float32)
+
+
+def check_prediction_memory(source: Volume, context: int, tile: int) -> None:
+    """Slice sizes come from the file's header: refuse what cannot fit before allocating it."""
+    needed = working_memory(source.shape, context, tile)
+    check_fits_in_memory(source.path, needed, f"predicting slices of {source.shape[1]} x {source.shape[2]} voxels")
+
+
 def predict_volume(
     model: Segmenter,
     volume: Volume | Path | str,
@@ -210,6 +230,7 @@ def predict_volume(
     device = torch.device(device) if device is not None else pick_device()
     with ExitStack() as stack:
         source = volume if isinstance(volume, Volume) else stack.enter_context(Volume(volume))
+        check_prediction_memory(source, context, config.tile)
         was_training = model.training
         model.to(device).eval()
         try:
@@ -273,6 +294,14 @@ def _in_order(predictions: Iterable[tuple[Any, ...]], n_slices: int) -> Iterator
         raise ValueError(f"{expected} predicted slices for a volume of {n_slices}")
 
 
+def refuse_overwriting(out: Path, source: Path) -> None:
+    """Refuse an output that is the input volume (the same path, a symlink or a hard link to it):
+    renaming the prediction onto it would replace the scan and its ground-truth labels."""
+    if out.exists() and os.path.samefile(out, source):
+        link = "" if out.absolute() == source.absolute() else f" {source} (a link to it)"
+        raise InputError(out, f"is the input volume{link}; the prediction would overwrite the scan and its labels", "choose another --out")
+
+
 def write_prediction(
     predictions: Iterable[tuple[Any, ...]],
     out: Path,
@@ -286,6 +315,7 @@ def write_prediction(
     tiff: the labels only, one uint8 page per slice, `attrs` in the ImageDescription JSON.
     """
     fmt = output_format(out, fmt)
+    refuse_overwriting(Path(out), source.path)
     ordered = _in_order(predictions, source.n_slices)
     if fmt == "hdf5":
         _write_hdf5(ordered, Path(out), source, attrs or {})
@@ -332,6 +362,9 @@ def predict_file(
 ) -> Path:
     """Segment one volume file and write the labels to `out` (the `xctsam predict` command)."""
     with Volume(volume_path) as source:
+        # now, before the model runs: predict_volume starts only when the writer pulls a slice
+        refuse_overwriting(Path(out), source.path)
+        check_prediction_memory(source, int(model.context), config.tile)
         provenance = {"source": str(volume_path), "window": window.to_dict(), "predict": config.model_dump(), **dict(attrs or {})}
         predictions = predict_volume(model, source, window, config, device, transform=transform, progress=progress)
         return write_prediction(predictions, out, source, fmt, provenance)
