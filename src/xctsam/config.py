@@ -9,22 +9,35 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from xctsam import CLASS_NAMES
+from xctsam import CLASS_NAMES, safe_yaml
 from xctsam.data.materials import MATERIALS
 from xctsam.errors import ConfigError, InputError
 
 DEFAULT_PARAMS = Path("params.yaml")
 
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegativeFloat = Annotated[float, Field(ge=0)]
-Fraction = Annotated[float, Field(ge=0, le=1)]
+
+def _not_a_boolean(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, got {str(value).lower()}")
+    return value
+
+
+# Every number in params is one of these. pydantic's lax mode reads YAML's `true` as 1 (a bool
+# is an int in Python); its strict mode would refuse that, but also `lr: 1e-3`, which PyYAML
+# reads as the string "1e-3". So: lax, except for booleans.
+Int = Annotated[int, BeforeValidator(_not_a_boolean)]
+Float = Annotated[float, BeforeValidator(_not_a_boolean)]
+PositiveFloat = Annotated[Float, Field(gt=0)]
+NonNegativeFloat = Annotated[Float, Field(ge=0)]
+Fraction = Annotated[Float, Field(ge=0, le=1)]
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a float field refuses NaN and inf from any source (params files are
+    # refused earlier, by safe_yaml, with the same message)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- phantoms
@@ -52,7 +65,7 @@ class LackOfFusionPopulation(DefectPopulation):
 class KeyholePopulation(DefectPopulation):
     """Near-spherical voids elongated along the build direction (z)."""
 
-    elongation: Annotated[float, Field(ge=1)] = 1.8
+    elongation: Annotated[Float, Field(ge=1)] = 1.8
 
 
 class DefectRecipe(StrictModel):
@@ -69,9 +82,9 @@ class DefectRecipe(StrictModel):
 class PhantomGeometry(StrictModel):
     """The coupon: a cylinder (axis z) holding CAD-like blocks, bars and rods with air between."""
 
-    shape: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=16)], Annotated[int, Field(ge=16)]]
-    specimen_radius: Annotated[float, Field(gt=0, le=1)] = 0.92  # of the in-plane half-width
-    features: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (4, 9)
+    shape: tuple[Annotated[Int, Field(ge=1)], Annotated[Int, Field(ge=16)], Annotated[Int, Field(ge=16)]]
+    specimen_radius: Annotated[Float, Field(gt=0, le=1)] = 0.92  # of the in-plane half-width
+    features: tuple[Annotated[Int, Field(ge=1)], Annotated[Int, Field(ge=1)]] = (4, 9)
     feature_size: tuple[Fraction, Fraction] = (0.12, 0.4)  # of the specimen radius
 
     @model_validator(mode="after")
@@ -94,10 +107,10 @@ class Filtration(StrictModel):
 class Scanner(StrictModel):
     """One scanner setting: source, detector and acquisition of a parallel-beam XCT scan."""
 
-    kvp: Annotated[float, Field(ge=20, le=600)]
+    kvp: Annotated[Float, Field(ge=20, le=600)]
     filter: Filtration = Filtration()
     photons: PositiveFloat = 2.0e4  # unattenuated counts per detector pixel and view
-    views: Annotated[int, Field(ge=8)] = 180
+    views: Annotated[Int, Field(ge=8)] = 180
     detector_blur: NonNegativeFloat = 0.6  # Gaussian sigma, detector pixels
     ring_gain_std: NonNegativeFloat = 0.0  # relative per-pixel gain error -> rings
     energy_step_kev: PositiveFloat = 2.0
@@ -121,7 +134,7 @@ class SplitRecipe(StrictModel):
 
     kind: Literal["synthetic", "real"]
     labelled: bool = True
-    volumes: Annotated[int, Field(ge=1)] = 1
+    volumes: Annotated[Int, Field(ge=1)] = 1
     recipe: str
     alloy: str
     inclusion_material: str = "Ni"
@@ -155,13 +168,13 @@ class DataConfig(StrictModel):
 
 # ---------------------------------------------------------------- CycleGAN
 class GeneratorConfig(StrictModel):
-    filters: Annotated[int, Field(ge=4)] = 32  # ngf: channels of the first convolution
-    blocks: Annotated[int, Field(ge=1)] = 6  # ResNet blocks at the bottleneck
+    filters: Annotated[Int, Field(ge=4)] = 32  # ngf: channels of the first convolution
+    blocks: Annotated[Int, Field(ge=1)] = 6  # ResNet blocks at the bottleneck
 
 
 class DiscriminatorConfig(StrictModel):
-    filters: Annotated[int, Field(ge=4)] = 32  # ndf
-    layers: Annotated[int, Field(ge=1)] = 3  # strided layers of the PatchGAN
+    filters: Annotated[Int, Field(ge=4)] = 32  # ndf
+    layers: Annotated[Int, Field(ge=1)] = 3  # strided layers of the PatchGAN
 
 
 class GanConfig(StrictModel):
@@ -170,20 +183,20 @@ class GanConfig(StrictModel):
     domain_a: str = "synthetic/Tr-sim"  # split folders under the data root
     domain_b: str = "real/Tr-real"
     output: str = "synthetic/Tr-GAN"  # where `gan synthesize` writes the translated split
-    tile: Annotated[int, Field(ge=16)] = 64
-    batch: Annotated[int, Field(ge=1)] = 4
-    steps: Annotated[int, Field(ge=1)] = 1000
-    decay_start: Annotated[int, Field(ge=0)] = 500  # LR held until here, then linear to 0
+    tile: Annotated[Int, Field(ge=16)] = 64
+    batch: Annotated[Int, Field(ge=1)] = 4
+    steps: Annotated[Int, Field(ge=1)] = 1000
+    decay_start: Annotated[Int, Field(ge=0)] = 500  # LR held until here, then linear to 0
     lr: PositiveFloat = 2e-4
     beta1: Fraction = 0.5
     generator: GeneratorConfig = GeneratorConfig()
     discriminator: DiscriminatorConfig = DiscriminatorConfig()
     lambda_cycle: NonNegativeFloat = 10.0
     lambda_identity: NonNegativeFloat = 0.5  # times lambda_cycle, as in the reference code
-    pool_size: Annotated[int, Field(ge=0)] = 50
-    checkpoint_every: Annotated[int, Field(ge=1)] = 100
-    sample_every: Annotated[int, Field(ge=1)] = 250
-    log_every: Annotated[int, Field(ge=1)] = 10
+    pool_size: Annotated[Int, Field(ge=0)] = 50
+    checkpoint_every: Annotated[Int, Field(ge=1)] = 100
+    sample_every: Annotated[Int, Field(ge=1)] = 250
+    log_every: Annotated[Int, Field(ge=1)] = 10
 
     @model_validator(mode="after")
     def _decay_within_steps(self) -> GanConfig:
@@ -196,11 +209,11 @@ class GanConfig(StrictModel):
 class SmallSamConfig(StrictModel):
     """The CPU-sized SAM image encoder (no official checkpoint exists for it)."""
 
-    embed_dim: Annotated[int, Field(ge=16)] = 192
-    depth: Annotated[int, Field(ge=1)] = 4
-    num_heads: Annotated[int, Field(ge=1)] = 4
-    global_attn_indexes: tuple[int, ...] = (1, 3)
-    window_size: Annotated[int, Field(ge=0)] = 8
+    embed_dim: Annotated[Int, Field(ge=16)] = 192
+    depth: Annotated[Int, Field(ge=1)] = 4
+    num_heads: Annotated[Int, Field(ge=1)] = 4
+    global_attn_indexes: tuple[Int, ...] = (1, 3)
+    window_size: Annotated[Int, Field(ge=0)] = 8
 
     @model_validator(mode="after")
     def _buildable(self) -> SmallSamConfig:
@@ -216,10 +229,10 @@ class SmallSamConfig(StrictModel):
 class ConvLoraConfig(StrictModel):
     """Conv-LoRA on every image-encoder block's fused qkv projection."""
 
-    rank: Annotated[int, Field(ge=1)] = 4
+    rank: Annotated[Int, Field(ge=1)] = 4
     alpha: PositiveFloat = 4.0  # LoRA scale is alpha / rank
-    experts: Annotated[int, Field(ge=1)] = 4  # expert i works at scale i (resize up by i)
-    top_k: Annotated[int, Field(ge=1)] = 1
+    experts: Annotated[Int, Field(ge=1)] = 4  # expert i works at scale i (resize up by i)
+    top_k: Annotated[Int, Field(ge=1)] = 1
     gate_noise: NonNegativeFloat = 1.0  # noisy top-k gating during training
     balance_weight: NonNegativeFloat = 0.01  # weight of the load-balancing loss
     gate_scales_output: bool = True  # the gate value scales the chosen expert, so the task trains the gate too
@@ -253,28 +266,28 @@ class PretrainConfig(StrictModel):
     # names of stand-in checkpoints the pipeline makes (models/<name>.pth); [] at paper scale,
     # where sam.checkpoint names an official file and the pretrain stage disappears
     stand_ins: list[str] = ["sam_small_pretrained"]
-    seed: int = 0
-    steps: Annotated[int, Field(ge=1)] = 1800
-    batch: Annotated[int, Field(ge=1)] = 2  # images per step
-    prompts: Annotated[int, Field(ge=1)] = 4  # objects prompted per image per step (decoder cost grows with it)
-    objects: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (3, 8)  # per image
-    min_area: Annotated[int, Field(ge=1)] = 150  # pixels: smaller visible parts are not objects
+    seed: Int = 0
+    steps: Annotated[Int, Field(ge=1)] = 1800
+    batch: Annotated[Int, Field(ge=1)] = 2  # images per step
+    prompts: Annotated[Int, Field(ge=1)] = 4  # objects prompted per image per step (decoder cost grows with it)
+    objects: tuple[Annotated[Int, Field(ge=1)], Annotated[Int, Field(ge=1)]] = (3, 8)  # per image
+    min_area: Annotated[Int, Field(ge=1)] = 150  # pixels: smaller visible parts are not objects
     box_share: Fraction = 0.5  # share of prompts that are boxes (the rest single points)
     box_jitter: Fraction = 0.1  # box corners moved by N(0, jitter x side), at most 20 px, as in SAM
     lr: PositiveFloat = 4e-4  # of the prompt encoder and mask decoder
     # the image encoder's lr is lr x this: SAM trained its (MAE-initialised) encoder with a
     # decayed lr; at a full lr the encoder drifts before the decoder has learned to localise
-    encoder_lr_scale: Annotated[float, Field(gt=0, le=1)] = 0.125
+    encoder_lr_scale: Annotated[Float, Field(gt=0, le=1)] = 0.125
     weight_decay: NonNegativeFloat = 0.05
-    warmup_steps: Annotated[int, Field(ge=0)] = 50
+    warmup_steps: Annotated[Int, Field(ge=0)] = 50
     grad_clip: PositiveFloat = 1.0
     # SAM's 20:1 focal:dice collapses the box output to empty masks in a CPU-sized pretraining
     # (held-out box mIoU .03 at 20, .22 at 4, .26 at 1, .17 at 0; 600 steps)
     focal_weight: NonNegativeFloat = 1.0
     dice_weight: NonNegativeFloat = 1.0
     iou_weight: NonNegativeFloat = 1.0  # MSE of the predicted against the real mask IoU
-    heldout_images: Annotated[int, Field(ge=1)] = 32  # seeded images apart from training, scored at the end
-    checkpoint_every: Annotated[int, Field(ge=1)] = 50
+    heldout_images: Annotated[Int, Field(ge=1)] = 32  # seeded images apart from training, scored at the end
+    checkpoint_every: Annotated[Int, Field(ge=1)] = 50
 
     @model_validator(mode="after")
     def _ordered_objects(self) -> PretrainConfig:
@@ -285,9 +298,9 @@ class PretrainConfig(StrictModel):
 
 # ---------------------------------------------------------------- 2.5D U-Net
 class UNetConfig(StrictModel):
-    context: Annotated[int, Field(ge=1)] = 5  # adjacent slices as input channels (odd; edges reflected)
-    filters: Annotated[int, Field(ge=4)] = 16  # channels at the first level, doubled per level
-    depth: Annotated[int, Field(ge=2, le=6)] = 4  # resolution levels
+    context: Annotated[Int, Field(ge=1)] = 5  # adjacent slices as input channels (odd; edges reflected)
+    filters: Annotated[Int, Field(ge=4)] = 16  # channels at the first level, doubled per level
+    depth: Annotated[Int, Field(ge=2, le=6)] = 4  # resolution levels
 
     @model_validator(mode="after")
     def _odd_context(self) -> UNetConfig:
@@ -301,22 +314,22 @@ class TrainConfig(StrictModel):
     """One training loop for every model; one instance per model under `train:`."""
 
     splits: list[str] = ["synthetic/Tr-GAN"]  # labelled split folders under the data root
-    val_volumes: Annotated[int, Field(ge=1)] = 1  # last volumes of the training splits held out for validation
-    tile: Annotated[int, Field(ge=16)] = 128  # native-resolution random crops
-    batch: Annotated[int, Field(ge=1)] = 4
-    steps: Annotated[int, Field(ge=1)] = 1000
-    epoch_steps: Annotated[int, Field(ge=1)] = 100  # validation, best checkpoint, early stopping per epoch
+    val_volumes: Annotated[Int, Field(ge=1)] = 1  # last volumes of the training splits held out for validation
+    tile: Annotated[Int, Field(ge=16)] = 128  # native-resolution random crops
+    batch: Annotated[Int, Field(ge=1)] = 4
+    steps: Annotated[Int, Field(ge=1)] = 1000
+    epoch_steps: Annotated[Int, Field(ge=1)] = 100  # validation, best checkpoint, early stopping per epoch
     lr: PositiveFloat = 1e-3
     weight_decay: NonNegativeFloat = 1e-4
-    warmup_steps: Annotated[int, Field(ge=0)] = 50
+    warmup_steps: Annotated[Int, Field(ge=0)] = 50
     schedule: Literal["cosine", "poly"] = "cosine"
     grad_clip: PositiveFloat = 1.0
     class_weights: tuple[PositiveFloat, PositiveFloat, PositiveFloat, PositiveFloat] = (1.0, 1.0, 3.0, 3.0)
     dice_weight: NonNegativeFloat = 1.0  # loss = CE + dice_weight * Dice
     oversample: Fraction = 0.5  # share of tiles drawn to contain a pore or inclusion
-    patience: Annotated[int, Field(ge=1)] = 5  # epochs without validation mIoU gain before stopping
-    checkpoint_every: Annotated[int, Field(ge=1)] = 100
-    val_slices: Annotated[int, Field(ge=1)] = 16  # validation slices (seeded), scored whole
+    patience: Annotated[Int, Field(ge=1)] = 5  # epochs without validation mIoU gain before stopping
+    checkpoint_every: Annotated[Int, Field(ge=1)] = 100
+    val_slices: Annotated[Int, Field(ge=1)] = 16  # validation slices (seeded), scored whole
 
 
 class TrainSection(StrictModel):
@@ -326,9 +339,9 @@ class TrainSection(StrictModel):
 
 # ---------------------------------------------------------------- inference and evaluation
 class PredictConfig(StrictModel):
-    tile: Annotated[int, Field(ge=16)] = 128
-    overlap: Annotated[float, Field(ge=0, lt=1)] = 0.25  # of the tile, blended with a Gaussian window
-    batch: Annotated[int, Field(ge=1)] = 8
+    tile: Annotated[Int, Field(ge=16)] = 128
+    overlap: Annotated[Float, Field(ge=0, lt=1)] = 0.25  # of the tile, blended with a Gaussian window
+    batch: Annotated[Int, Field(ge=1)] = 8
 
 
 class EvalConfig(StrictModel):
@@ -343,8 +356,8 @@ class FinetuneConfig(StrictModel):
     """
 
     volumes: dict[str, list[str]] = {f"real/Te-{i}": [f"Te-{i}_000.h5"] for i in range(1, 7)}
-    sub_fraction: Annotated[float, Field(gt=0, le=1)] = 0.25  # SAM-FineReal-Sub's share of the fine-tuning slices
-    steps: Annotated[int, Field(ge=1)] = 300
+    sub_fraction: Annotated[Float, Field(gt=0, le=1)] = 0.25  # SAM-FineReal-Sub's share of the fine-tuning slices
+    steps: Annotated[Int, Field(ge=1)] = 300
     lr: PositiveFloat = 1e-4
 
 
@@ -364,11 +377,11 @@ class FidConfig(StrictModel):
     reference: str = "synthetic/Tr-GAN"  # the training set, a split folder under the data root
     splits: list[str] = [f"real/Te-{i}" for i in range(1, 7)]
     pairs: dict[str, tuple[str, str]] = {}  # name -> (split folder, split folder)
-    samples: Annotated[int, Field(ge=2)] = 200  # slices per split, the same ones every run
-    batch: Annotated[int, Field(ge=1)] = 25
+    samples: Annotated[Int, Field(ge=2)] = 200  # slices per split, the same ones every run
+    batch: Annotated[Int, Field(ge=1)] = 25
     # grey values mapped to [0, 1] for every split; null: robust window of the reference split.
     # Imported 8-bit scans compare best on their full range, [0, 255].
-    window: tuple[float, float] | None = None
+    window: tuple[Float, Float] | None = None
 
     @model_validator(mode="after")
     def _window_increasing(self) -> FidConfig:
@@ -400,8 +413,8 @@ class SearchDimension(StrictModel):
 
     type: Literal["categorical", "float", "int"]
     choices: list[SearchValue] | None = None
-    low: float | None = None
-    high: float | None = None
+    low: Float | None = None
+    high: Float | None = None
     log: bool = False
     step: PositiveFloat | None = None
 
@@ -432,9 +445,9 @@ class TuneConfig(StrictModel):
     direction: Literal["maximize", "minimize"] = "maximize"
     sampler: Literal["tpe", "random"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
-    n_trials: Annotated[int, Field(ge=1)] = 20  # the study's total, shared by all its workers
-    heartbeat_seconds: Annotated[int, Field(ge=1)] = 10  # a worker silent for 2x this is dead; its trial is retried
-    max_retry: Annotated[int, Field(ge=0)] = 2
+    n_trials: Annotated[Int, Field(ge=1)] = 20  # the study's total, shared by all its workers
+    heartbeat_seconds: Annotated[Int, Field(ge=1)] = 10  # a worker silent for 2x this is dead; its trial is retried
+    max_retry: Annotated[Int, Field(ge=0)] = 2
 
     @model_validator(mode="after")
     def _known_metric(self) -> TuneConfig:
@@ -444,7 +457,7 @@ class TuneConfig(StrictModel):
 
 
 class Params(StrictModel):
-    seed: int = 0
+    seed: Int = 0
     study: StudyConfig = StudyConfig()
     data: DataConfig
     gan: GanConfig = GanConfig()
@@ -488,19 +501,24 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc)
 
 
+def _message(error: Any) -> str:
+    """One pydantic error in the words params messages use."""
+    if error["type"] == "extra_forbidden":
+        return "unknown key; check its spelling against params.yaml's documented keys"
+    if error["type"] == "finite_number":
+        return f"must be a finite number, got {error['input']}"
+    # pydantic puts model-level validator errors at the model's own location
+    return error["msg"].removeprefix("Value error, ")
+
+
 def parse_params(raw: object, source: Path | str = DEFAULT_PARAMS) -> Params:
     """Validate a parsed params mapping; the first problem becomes a ConfigError."""
     try:
         params = Params.model_validate(raw)
     except ValidationError as exc:
         errors = exc.errors()
-        first = errors[0]
-        # pydantic puts model-level validator errors at the model's own location
-        message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            message = "unknown key; check its spelling against params.yaml's documented keys"
         more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-        raise ConfigError(source, _dotted(first["loc"]) or "<top>", message + more) from None
+        raise ConfigError(source, _dotted(errors[0]["loc"]) or "<top>", _message(errors[0]) + more) from None
     problems = _cross_references(params)
     if problems:
         key, problem = problems[0]
@@ -512,10 +530,4 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "params file not found", "run from the project root or pass --params")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise InputError(path, f"not valid YAML{where}", "fix the syntax") from None
-    return parse_params(raw, path)
+    return parse_params(safe_yaml.load(path.read_text(), path), path)

@@ -30,3 +30,12 @@ class ConfigError(XctsamError):
     def __init__(self, source: Path | str, key: str, problem: str) -> None:
         self.key = key
         super().__init__(f"{source}: {key}: {problem}")
+
+
+class TrainingDiverged(XctsamError):
+    """A training whose loss or weights became NaN or infinite: stopped before it saves them."""
+
+
+def listed(items: list[str], shown: int = 5) -> str:
+    """'[a, b, c, ...]': the first `shown` items of a list a message names."""
+    return f"[{', '.join(items[:shown])}{', ...' if len(items) > shown else ''}]"

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from xctsam import safe_yaml
 from xctsam.atomic import write_text_atomic
 from xctsam.config import load_params, parse_params
 from xctsam.errors import ConfigError, InputError
@@ -95,17 +96,17 @@ def update_params_file(path: Path | str, updates: Mapping[str, Any]) -> dict[str
     path = Path(path)
     load_params(path)  # the file must load before it is edited (one clear line otherwise)
     text = path.read_text()
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    root = safe_yaml.compose(text, path)
     previous: dict[str, Any] = {}
     spans: list[tuple[int, int, str]] = []
-    current = yaml.safe_load(text)
+    current = safe_yaml.load(text, path)
     for key, value in updates.items():
         key_node, value_node = _key_and_value(root, key, path)
         previous[key] = _lookup(current, key)
         spans.append(_replacement(key_node, value_node, value))
     for start, end, replacement in sorted(spans, reverse=True):  # from the end: earlier offsets stay valid
         text = text[:start] + replacement + text[end:]
-    parse_params(yaml.safe_load(text), path)
+    parse_params(safe_yaml.load(text, path), path)
     write_text_atomic(path, text)
     return previous
 
@@ -115,10 +116,7 @@ def read_overlay(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "params overlay not found", "give a YAML file of dotted keys, e.g. configs/real-samgan.yaml")
-    try:
-        overlay = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        raise InputError(path, "not valid YAML", "fix the syntax") from None
+    overlay = safe_yaml.load(path.read_text(), path)
     if not isinstance(overlay, dict) or not overlay or not all(isinstance(key, str) for key in overlay):
         raise InputError(path, "not a mapping of dotted params keys to values", "write lines like `sam.lora.rank: 8`")
     return overlay

@@ -21,6 +21,7 @@ from torch import nn
 from xctsam.atomic import atomic_path
 from xctsam.data.datasets import IntensityWindow
 from xctsam.errors import InputError
+from xctsam.torch_files import load_torch_file
 
 TRANSLATOR_FORMAT = "xctsam.cyclegan.translator/1"
 DOWNSAMPLINGS = 2
@@ -217,10 +218,7 @@ class Translator:
         path = Path(path)
         if not path.is_file():
             raise InputError(path, "generator file not found", "run `xctsam gan train` first")
-        try:
-            state = torch.load(path, map_location=device, weights_only=True)
-        except Exception:
-            raise InputError(path, "not a readable generator file (corrupt or truncated?)", "run `xctsam gan train` again") from None
+        state = load_torch_file(path, "run `xctsam gan train` again")
         if not isinstance(state, dict) or state.get("format") != TRANSLATOR_FORMAT:
             raise InputError(path, f"not an xctsam CycleGAN generator file ({TRANSLATOR_FORMAT})", "give the generator_a2b.pt written by `xctsam gan train`")
         generator = ResnetGenerator(**state["generator"]).to(device)

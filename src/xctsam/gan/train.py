@@ -48,7 +48,8 @@ from xctsam.data.datasets import (
     split_slices,
 )
 from xctsam.device import pick_device
-from xctsam.errors import ConfigError
+from xctsam.errors import ConfigError, InputError
+from xctsam.finite import check_losses
 from xctsam.gan.cyclegan import (
     ImagePool,
     PatchDiscriminator,
@@ -61,6 +62,7 @@ from xctsam.hashing import fingerprint, folders_digest
 from xctsam.interrupt import InterruptLatch
 from xctsam.optim import adamw
 from xctsam.progress import track
+from xctsam.torch_files import load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -256,9 +258,9 @@ def load_checkpoint(path: Path, training_id: str) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a torn file cannot exist (atomic writes), but a foreign one can
-        log.warning("%s: unreadable checkpoint (%s); training from scratch", path, exc)
+        state = load_torch_file(path, "training from scratch")
+    except InputError as exc:  # a torn file cannot exist (atomic writes), but a foreign one can
+        log.warning("%s", exc)
         return None
     if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != training_id:
         log.warning("%s: checkpoint of other params or data; training from scratch", path)
@@ -369,8 +371,10 @@ def _train_loop(gan: CycleGan, domains: Domains, monitor: Monitor, out_dir: Path
     with InterruptLatch().installed() as latch:
         for step in track(range(start, config.steps), "gan train", total=config.steps - start):
             lr = gan.lr
-            meter.add(gan.train_step(_batch(domains.sampler_a, config.batch, gan.device), _batch(domains.sampler_b, config.batch, gan.device)))
+            losses = gan.train_step(_batch(domains.sampler_a, config.batch, gan.device), _batch(domains.sampler_b, config.batch, gan.device))
             done = step + 1
+            check_losses("gan", done, losses, "lower gan.lr or check both domains' data")
+            meter.add(losses)
             if done % config.log_every == 0 or done == config.steps:
                 last = meter.take()
                 mlflow.log_metrics({**{f"gan.loss.{k}": v for k, v in last.items()}, "gan.lr": lr}, step=done)

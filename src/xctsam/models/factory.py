@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import ValidationError
+
 from xctsam.config import Params, SamConfig, UNetConfig
 from xctsam.data.datasets import IntensityWindow
-from xctsam.errors import InputError
+from xctsam.errors import InputError, listed
 from xctsam.models.base import Segmenter
 
 ModelKind = Literal["sam", "unet"]
 MODEL_KINDS: tuple[ModelKind, ...] = ("sam", "unet")
+REBUILD_KEYS = ("config", "class_weights", "dice_weight", "window")  # of a checkpoint's meta, beside its kind
 
 
 def _build(kind: str, section: dict[str, Any], class_weights: list[float], dice_weight: float) -> Segmenter:
@@ -48,17 +52,47 @@ def model_meta(kind: ModelKind, params: Params, window: IntensityWindow) -> dict
     }
 
 
+def _weights_misfit(expected: Mapping[str, Any], found: Mapping[str, Any]) -> str:
+    """'N missing [...], N unexpected [...], N of another shape [...]' (the parts that apply), or ''."""
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    reshaped = [
+        f"{key} {tuple(getattr(found[key], 'shape', ()))} not {tuple(tensor.shape)}"
+        for key, tensor in expected.items()
+        if key in found and getattr(found[key], "shape", None) != tensor.shape
+    ]
+    parts = [(len(keys), label, keys) for keys, label in ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape")) if keys]
+    return ", ".join(f"{count} {label} {listed(keys, 3)}" for count, label, keys in parts)
+
+
+def _rebuild(path: Path, meta: Mapping[str, Any], remedy: str) -> Segmenter:
+    """The untrained model a checkpoint's meta describes; InputError for an unknown kind or a broken meta."""
+    kind = meta["kind"]
+    if kind not in MODEL_KINDS:
+        raise InputError(path, f"a checkpoint of kind {kind!r}, which this xctsam cannot rebuild (known: {', '.join(MODEL_KINDS)})", remedy)
+    missing = [key for key in REBUILD_KEYS if key not in meta]
+    if missing:
+        raise InputError(path, f"a {kind} checkpoint whose meta lacks {', '.join(missing)}: not one written by xctsam train", remedy)
+    config = dict(meta["config"])
+    if kind == "sam":
+        config["checkpoint"] = None  # the saved state dict is complete: no base checkpoint needed
+    try:
+        return _build(kind, config, meta["class_weights"], meta["dice_weight"])
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InputError(path, f"a {kind} checkpoint whose meta is not a valid {kind} section ({'.'.join(map(str, first['loc']))}: {first['msg']})", remedy) from None
+
+
 def load_segmenter(path: Path) -> tuple[Segmenter, IntensityWindow, dict[str, Any]]:
     """(model in eval mode, its intensity window, its meta) from a `best.pt` of `xctsam train`."""
-    from xctsam.train.checkpoint import load_segmenter_checkpoint
+    from xctsam.train.checkpoint import SEGMENTER_REMEDY, load_segmenter_checkpoint
 
     state, meta = load_segmenter_checkpoint(path)
-    config = dict(meta["config"])
-    if meta["kind"] == "sam":
-        config["checkpoint"] = None  # the saved state dict is complete: no base checkpoint needed
-    model = _build(meta["kind"], config, meta["class_weights"], meta["dice_weight"])
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise InputError(path, f"weights do not fit the {meta['kind']} model its meta describes: missing {missing[:5]}, unexpected {unexpected[:5]}", "retrain with this xctsam version")
+    model = _rebuild(path, meta, SEGMENTER_REMEDY)
+    misfit = _weights_misfit(model.state_dict(), state)
+    if misfit:
+        kind = meta["kind"]
+        raise InputError(path, f"a {kind} checkpoint whose weights do not fit the {kind} model its meta describes: {misfit}", SEGMENTER_REMEDY)
+    model.load_state_dict(state)
     model.eval()
     return model, IntensityWindow(**meta["window"]), meta

@@ -19,7 +19,6 @@ as `segment_anything.build_sam._build_sam` does, except that the image size is a
 from __future__ import annotations
 
 import re
-import zipfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,8 +29,9 @@ import torch.nn.functional as F
 
 from xctsam.compat import ensure_torchvision
 from xctsam.config import SamConfig
-from xctsam.errors import InputError
+from xctsam.errors import InputError, listed
 from xctsam.hashing import file_sha256
+from xctsam.torch_files import load_torch_file
 
 ensure_torchvision()  # segment_anything imports torchvision, which needs the CPU shim here
 
@@ -51,7 +51,6 @@ _REL_POS_SUFFIXES = (".attn.rel_pos_h", ".attn.rel_pos_w")
 # Official names end in the first 6 hex digits of the file's sha256 (sam_vit_b_01ec64.pth);
 # only names of that form are checked, so a user's `run_20240101.pth` is not mistaken for one.
 _HASH_SUFFIX = re.compile(r"^sam_vit_[bhl]_([0-9a-f]{6,64})$", re.IGNORECASE)
-_KEYS_SHOWN = 5
 
 
 @dataclass(frozen=True)
@@ -180,32 +179,14 @@ def _check_hash(path: Path) -> tuple[str, str]:
     return sha256, "verified"
 
 
-def _listed(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_KEYS_SHOWN])
-    return f"[{shown}{', ...' if len(keys) > _KEYS_SHOWN else ''}]"
-
-
-def _torch_load(path: Path) -> Any:
-    # Memory-map zip-format files so a 2.6 GB vit_h is not held twice while it is copied in.
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-
-
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The file's state dict; InputError if torch cannot load it or it is not a state dict."""
-    try:
-        loaded = _torch_load(path)
-    except Exception as exc:  # torch raises several unrelated types for a non-checkpoint file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(
-            path,
-            f"not a PyTorch checkpoint loadable with torch.load(weights_only=True): {reason}",
-            "give the .pth state dict file of a SAM checkpoint",
-        ) from exc
+    loaded = load_torch_file(path, "give the .pth state dict file of a SAM checkpoint", mmap=True)
     if not isinstance(loaded, dict):
         _refuse_wrapped(path, f"holds a {type(loaded).__name__}")
     wrappers = [str(key) for key, value in loaded.items() if not isinstance(value, torch.Tensor)]
     if wrappers:
-        _refuse_wrapped(path, f"entries {_listed(wrappers)} are not tensors")
+        _refuse_wrapped(path, f"entries {listed(wrappers)} are not tensors")
     return loaded
 
 
@@ -228,8 +209,8 @@ def _check_keys(
     if missing or unexpected:
         raise InputError(
             path,
-            f"checkpoint does not fit sam {arch}: {len(missing)} missing {_listed(missing)}, "
-            f"{len(unexpected)} unexpected {_listed(unexpected)}",
+            f"checkpoint does not fit sam {arch}: {len(missing)} missing {listed(missing)}, "
+            f"{len(unexpected)} unexpected {listed(unexpected)}",
             "set sam.variant to the checkpoint's variant (sam_vit_b_*.pth is vit_b, and so on)",
         )
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from xctsam.atomic import write_text_atomic
 from xctsam.config import Params, PretrainConfig, SamConfig
 from xctsam.errors import ConfigError
+from xctsam.finite import check_losses
 from xctsam.hashing import file_sha256, fingerprint
 from xctsam.interrupt import InterruptLatch
 from xctsam.models.sam_builder import Sam, build_sam
@@ -66,6 +67,7 @@ log = logging.getLogger(__name__)
 SIDECAR_FORMAT = "xctsam.sam_stand_in/1"
 TRAIN_STREAM, HELDOUT_STREAM, PROMPT_STREAM, HELDOUT_PROMPT_STREAM = 0, 1, 2, 3  # disjoint seed streams
 LOG_EVERY = 10
+LOSS_TERMS = ("loss", "mask", "iou")  # of step_loss: the total first, then its terms
 HELDOUT_BATCH = 8
 LOSS_SCALE = 2  # losses on masks at image_size / 2: a quarter of the cost, small objects still seen
 NOT_TRAINING_KEYS = {"checkpoint_every", "stand_ins"}  # change how often state is saved, or which files
@@ -289,6 +291,7 @@ def pretrain_sam(
                     return PretrainResult(checkpoint, sidecar_path(checkpoint), step, False, {})
                 losses = trainer.step(config, step)
                 step += 1
+                check_losses("pretrain", step, {key: losses[key] for key in LOSS_TERMS}, "lower pretrain.lr or pretrain.encoder_lr_scale")
                 window.append(losses)
                 show(step, losses["loss"])
                 if step % LOG_EVERY == 0 or step == config.steps:

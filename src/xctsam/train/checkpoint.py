@@ -25,13 +25,16 @@ import torch
 
 from xctsam.atomic import atomic_path
 from xctsam.config import TrainConfig
-from xctsam.errors import InputError
+from xctsam.errors import InputError, listed
 from xctsam.hashing import fingerprint
+from xctsam.torch_files import load_torch_file
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "xctsam.train.state/1"
 SEGMENTER_FORMAT = "xctsam.segmenter/1"
+NOT_OURS = "not a checkpoint written by xctsam train"
+SEGMENTER_REMEDY = "give a best.pt written by `xctsam train sam` or `xctsam train unet`"
 # Keys that change how often state is saved, not what is trained.
 NOT_TRAINING_KEYS = {"checkpoint_every"}
 
@@ -52,9 +55,9 @@ def load_file(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # atomic writes leave no torn file, but a foreign one can sit here
-        log.warning("%s: unreadable (%s); ignored", path, exc)
+        return load_torch_file(path, "ignored; training from scratch")
+    except InputError as exc:  # atomic writes leave no torn file, but a foreign one can sit here
+        log.warning("%s", exc)
         return None
 
 
@@ -109,16 +112,32 @@ def save_segmenter_checkpoint(path: Path, model: torch.nn.Module, meta: Mapping[
     save_atomic({"format": SEGMENTER_FORMAT, "meta": dict(meta), "training": dict(training), "state_dict": weights}, path)
 
 
+def _not_a_segmenter(saved: Any) -> str | None:
+    """Why a loaded file is not a segmenter checkpoint this version reads; None when it is one."""
+    if not isinstance(saved, dict):
+        return f"holds a {type(saved).__name__}: {NOT_OURS}"
+    if saved and all(isinstance(value, torch.Tensor) for value in saved.values()):
+        # most likely a foundation's weights, e.g. an official sam_vit_b_01ec64.pth
+        return f"holds a plain state dict of {len(saved)} tensors and no 'kind' entry: {NOT_OURS} (a SAM foundation .pth goes in params sam.checkpoint)"
+    if saved.get("format") == STATE_FORMAT:
+        return "holds a resumable training state (last.pt), not a trained model: give the best.pt beside it"
+    meta = saved.get("meta")
+    if not isinstance(meta, dict) or "kind" not in meta:
+        return f"holds no 'kind' entry (its keys: {listed([str(key) for key in saved])}): {NOT_OURS}"
+    if saved.get("format") != SEGMENTER_FORMAT:
+        return f"a {meta['kind']} checkpoint in format {saved.get('format')!r}; this xctsam reads {SEGMENTER_FORMAT!r}"
+    if not isinstance(saved.get("state_dict"), dict):
+        return f"a {meta['kind']} checkpoint without its 'state_dict' entry: {NOT_OURS}"
+    return None
+
+
 def load_segmenter_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state_dict, meta) of a saved segmenter; meta["training"] holds step, val_miou, fingerprint."""
     path = Path(path)
-    remedy = "give a best.pt written by `xctsam train sam` or `xctsam train unet`"
     if not path.is_file():
-        raise InputError(path, "no such model checkpoint", remedy)
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(path, f"unreadable model checkpoint ({exc})", remedy) from exc
-    if not isinstance(saved, dict) or saved.get("format") != SEGMENTER_FORMAT:
-        raise InputError(path, "not an xctsam segmenter checkpoint", remedy)
+        raise InputError(path, "no such model checkpoint", SEGMENTER_REMEDY)
+    saved = load_torch_file(path, SEGMENTER_REMEDY)
+    problem = _not_a_segmenter(saved)
+    if problem is not None:
+        raise InputError(path, problem, SEGMENTER_REMEDY)
     return saved["state_dict"], {**saved["meta"], "training": saved.get("training", {})}

@@ -204,4 +204,5 @@ def finetune_real(
             model_meta=meta,
             resume=resume,
             log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
+            params_key="finetune",  # its steps and lr come from there
         )

@@ -54,6 +54,7 @@ from xctsam.data.datasets import IntensityWindow, SliceRef, sample_slices
 from xctsam.data.tiles import ContextReader, read_context
 from xctsam.device import pick_device
 from xctsam.eval.metrics import ConfusionCounter, iou_dice, mean_defined
+from xctsam.finite import check_losses, check_weights
 from xctsam.interrupt import InterruptLatch
 from xctsam.models.base import Segmenter
 from xctsam.optim import adamw
@@ -74,6 +75,7 @@ LAST = "last.pt"
 BEST = "best.pt"
 SUMMARY = "training.json"
 LOG_EVERY = 10  # steps between train.* metric reports (means over those steps)
+LOSS_TERMS = ("loss", "task_loss", "aux_loss")  # of Trainer.step: the total first, then its terms
 POLY_POWER = 0.9
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -246,13 +248,14 @@ class Trainer:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """One optimiser step; returns the loss, auxiliary loss, LR used and pre-clip gradient norm."""
+        """One optimiser step; returns the loss, its task and auxiliary terms, LR used and pre-clip gradient norm."""
         self.model.train()
         lr = self.lr
         with self.precision.autocast():
             outputs = self.net(images)
             auxiliary = self.model.auxiliary_loss()
-            loss = self.model.loss(outputs, labels) + auxiliary
+            task = self.model.loss(outputs, labels)
+            loss = task + auxiliary
         self.optimizer.zero_grad(set_to_none=True)
         scaler = self.precision.scaler
         scaler.scale(loss).backward()
@@ -261,7 +264,7 @@ class Trainer:
         scaler.step(self.optimizer)
         scaler.update()
         self.scheduler.step()
-        return {"loss": loss.item(), "aux_loss": float(auxiliary.detach().float()), "lr": lr, "grad_norm": grad_norm.item()}
+        return {"loss": loss.item(), "task_loss": float(task.detach().float()), "aux_loss": float(auxiliary.detach().float()), "lr": lr, "grad_norm": grad_norm.item()}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -474,6 +477,11 @@ class Run:
     log_metrics: MetricsLogger
     log_every: int
     on_epoch: EpochHook | None = None
+    params_key: str = "train"  # the params section of `config` (train.sam, finetune), named by errors
+
+    @property
+    def hint(self) -> str:
+        return f"lower {self.params_key}.lr or check the input data"
 
     def report(self, metrics: dict[str, float], step: int) -> None:
         if self.runtime.is_main:
@@ -484,12 +492,17 @@ class Run:
         if self.runtime.is_main:
             scores = validation_scores(self.trainer.model, self.validation, self.trainer.precision)
             if book.end_epoch(scores, self.trainer.lr, self.config.patience):
-                save_segmenter_checkpoint(self.out_dir / BEST, self.trainer.model, self.model_meta, self.best_facts(book))
+                self.save_best(book)
             self.report({**scores, "epoch": float(len(book.history))}, book.step)
             log.info("step %d: val.miou %.4f (best %.4f at step %s)", book.step, scores["val.miou"], _best_miou(book), book.best_step)
             if self.on_epoch is not None:  # e.g. a hyperparameter search reporting to its pruner
                 self.on_epoch(dict(scores), book.step)
         return self.runtime.broadcast(book)
+
+    def save_best(self, book: Book) -> None:
+        # an update can overflow the weights while its loss was finite: such weights are no model
+        check_weights(self.params_key, book.step, self.trainer.model, self.hint)
+        save_segmenter_checkpoint(self.out_dir / BEST, self.trainer.model, self.model_meta, self.best_facts(book))
 
     def best_facts(self, book: Book) -> dict[str, Any]:
         return {"step": book.step, "val_miou": _best_miou(book), "fingerprint": self.training_id}
@@ -498,6 +511,7 @@ class Run:
         images, labels = to_device(*self.sampler.batch(self.config.batch), self.trainer.device)
         losses = self.trainer.step(images, labels)
         book.step += 1
+        check_losses(self.params_key, book.step, {name: losses[name] for name in LOSS_TERMS}, self.hint)
         book.add(losses)
         if book.step % self.log_every == 0 or book.step == self.config.steps:
             self.report(book.take_window(losses["lr"]), book.step)
@@ -526,7 +540,7 @@ class Run:
         if not self.runtime.is_main:
             return
         if book.best_step is None:  # no epoch had a defined mIoU: the final weights are the answer
-            save_segmenter_checkpoint(self.out_dir / BEST, self.trainer.model, self.model_meta, self.best_facts(book))
+            self.save_best(book)
         write_summary(self.out_dir, book, self.training_id, steps_per_second)
         (self.out_dir / LAST).unlink(missing_ok=True)  # the summary now marks the training as done
 
@@ -560,6 +574,7 @@ def train_segmenter(
     log_every: int = LOG_EVERY,
     runtime: Runtime | None = None,
     on_epoch: EpochHook | None = None,
+    params_key: str = "train",
 ) -> TrainResult:
     """Train `model` on `sampler`'s tiles, validating on whole slices, into `out_dir`.
 
@@ -573,6 +588,8 @@ def train_segmenter(
     as a kill would, but cleanly (a test hook). on_epoch(scores, step): called on rank 0 after
     each validation; an exception it raises (e.g. optuna.TrialPruned) ends training there and
     propagates, leaving the last periodic checkpoint. The model is moved to the device in place.
+    A NaN or infinite loss stops training at once (TrainingDiverged naming the step, its loss
+    terms and `params_key`, the params section of `config`); best.pt never holds such weights.
     """
     out_dir = Path(out_dir)
     own_runtime = runtime is None
@@ -582,7 +599,7 @@ def train_segmenter(
         if resume and (done := finished_result(out_dir, training_id)) is not None:
             log.info("%s: training already finished (%d steps); nothing to do", out_dir, done.steps)
             return done
-        run = Run(Trainer(model, config, runtime), sampler, val_batches, config, runtime, out_dir, training_id, dict(model_meta), log_metrics or (lambda metrics, step: None), log_every, on_epoch)
+        run = Run(Trainer(model, config, runtime), sampler, val_batches, config, runtime, out_dir, training_id, dict(model_meta), log_metrics or (lambda metrics, step: None), log_every, on_epoch, params_key)
         with deterministic_on_cpu(runtime.device):
             book = _start(run, resume, seed)
             began, start = time.perf_counter(), book.step

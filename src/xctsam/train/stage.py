@@ -67,5 +67,5 @@ def train_model(kind: ModelKind, params: Params, data_root: Path, out_dir: Path,
         mlflow.log_metrics(job.model_counts())
         return train_segmenter(
             job.model, job.sampler, job.validation, job.config, out_dir, seed=params.seed, model_meta=job.meta, resume=resume,
-            log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
+            log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step), params_key=f"train.{kind}",
         )

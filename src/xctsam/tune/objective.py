@@ -84,5 +84,6 @@ class Objective:
             result = train_segmenter(
                 job.model, job.sampler, job.validation, job.config, self.trials_dir / f"trial-{origin}",
                 seed=chosen.seed, model_meta=job.meta, resume=True, log_metrics=run.log_metrics, on_epoch=on_epoch,
+                params_key=f"train.{tune.model}",
             )
         return best_value(result.history, tune.metric, tune.direction)
