@@ -53,9 +53,11 @@ $(UV):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
 
-# One lock for running and testing (the test extras are a few small packages).
+# One lock for running and testing (the test extras are a few small packages). Bytecode is
+# compiled at install, as pip does: uv does not by default, and where PYTHONDONTWRITEBYTECODE is
+# set every process would compile torch and mlflow again (import 9.5 s instead of 4 s here).
 $(VENV)/.installed: $(LOCK) pyproject.toml | $(UV)
-	$(UV) pip sync --quiet --python $(BIN)/python $(TORCH_SOURCE) $(LOCK)
+	$(UV) pip sync --quiet --compile-bytecode --python $(BIN)/python $(TORCH_SOURCE) $(LOCK)
 	$(UV) pip install --quiet --python $(BIN)/python --no-deps $(TORCH_SOURCE) -e .
 	touch $@
 
