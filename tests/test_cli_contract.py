@@ -208,19 +208,25 @@ def test_sigterm_outside_a_training_loop_keeps_finished_outputs_only(tmp_path: P
             assert f["labels"].shape[0] == 48
 
 
-def test_stage_runs_end_killed_or_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stage_runs_and_their_parent_end_killed_or_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from xctsam import tracking
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("XCTSAM_EXECUTION", "one-pipeline")  # the stages share a parent run
     monkeypatch.chdir(tmp_path)
+    parent_statuses = []
     with pytest.raises(Interrupted), tracking.stage_run("killed"):
         raise Interrupted(signal.SIGTERM)
+    parent_statuses += _stage_run_statuses(uri, "pipeline")
     with pytest.raises(ValueError), tracking.stage_run("failed"):
         raise ValueError("boom")
+    parent_statuses += _stage_run_statuses(uri, "pipeline")
     with tracking.stage_run("finished"):
-        pass
+        parent_statuses += _stage_run_statuses(uri, "pipeline")
+    parent_statuses += _stage_run_statuses(uri, "pipeline")
     assert [_stage_run_statuses(uri, stage) for stage in ("killed", "failed", "finished")] == [["KILLED"], ["FAILED"], ["FINISHED"]]
+    assert parent_statuses == ["KILLED", "FAILED", "RUNNING", "FINISHED"]
 
 
 

@@ -191,6 +191,7 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None, tags: Mapping
     parent = _pipeline_run(experiment_id, key) if key else None
     if parent is not None:
         _tag_parent(parent, data_hashes(project_root() / "dvc.lock"))
+        _set_parent_status(parent, "RUNNING")
     run_tags = {"stage": stage, **dict(tags or {}), **({EXECUTION_TAG: key} if key else {})}
     run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags, parent_run_id=parent)
     try:
@@ -199,6 +200,8 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None, tags: Mapping
         yield run
     except BaseException as exc:
         mlflow.end_run(end_status(exc))
+        if parent is not None:
+            _set_parent_status(parent, end_status(exc))
         raise
     mlflow.end_run("FINISHED")
     if parent is not None:
@@ -206,6 +209,19 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None, tags: Mapping
         lock = project_root() / "dvc.lock"
         if lock.is_file():
             mlflow.MlflowClient().log_artifact(parent, str(lock))
+        _set_parent_status(parent, "FINISHED")
+
+
+def _set_parent_status(parent_id: str, status: str) -> None:
+    """The execution's parent run shows its latest stage: RUNNING while one runs, FINISHED after
+    it, KILLED or FAILED when one was stopped or failed (no stage knows whether it is the last)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    if status == "RUNNING":
+        client.update_run(parent_id, status="RUNNING")
+    else:
+        client.set_terminated(parent_id, status)
 
 
 def end_status(error: BaseException | None) -> str:
