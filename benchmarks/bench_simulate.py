@@ -26,8 +26,8 @@ import torch
 from skimage.transform import iradon, radon
 
 from xctsam.config import Scanner
-from xctsam.data.physics import XctScanner
-from xctsam.data.projector import ParallelBeamProjector, inscribed_circle
+from xctsam.sim.physics import XctScanner
+from xctsam.sim.projector import ParallelBeamProjector, inscribed_circle
 
 REQUIRED_SPEEDUP = 5.0
 

@@ -133,8 +133,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     """An untrained 2.5D U-Net checkpoint (context 1, a few filters) and params predicting with it fast."""
     from xctsam.config import load_params
     from xctsam.data.datasets import IntensityWindow
+    from xctsam.models.checkpoint import save_segmenter_checkpoint
     from xctsam.models.factory import build_segmenter, model_meta
-    from xctsam.train.checkpoint import save_segmenter_checkpoint
 
     folder = tmp_path_factory.mktemp("model")
     raw = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -29,8 +29,8 @@ from xctsam.data.datasets import IntensityWindow
 from xctsam.data.volumes import write_volume
 from xctsam.errors import ConfigError, TrainingDiverged
 from xctsam.finite import check_losses, check_weights
+from xctsam.models.checkpoint import SEGMENTER_FORMAT, save_segmenter_checkpoint
 from xctsam.models.factory import build_segmenter, model_meta
-from xctsam.train.checkpoint import SEGMENTER_FORMAT, save_segmenter_checkpoint
 
 from .conftest import REPO, write_params
 

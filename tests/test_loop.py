@@ -29,8 +29,8 @@ from xctsam.device import pick_device
 from xctsam.errors import InputError
 from xctsam.interrupt import Interrupted
 from xctsam.models.base import Segmenter
+from xctsam.models.checkpoint import load_segmenter_checkpoint
 from xctsam.train import loop
-from xctsam.train.checkpoint import load_segmenter_checkpoint
 from xctsam.train.loop import (
     LAST,
     SUMMARY,

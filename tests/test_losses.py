@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xctsam.train.losses import binary_segmentation_loss, segmentation_loss
+from xctsam.models.losses import binary_segmentation_loss, segmentation_loss
 
 WEIGHTS = (1.0, 1.0, 3.0, 3.0)
 

@@ -7,8 +7,8 @@ import pytest
 from scipy import ndimage
 
 from xctsam.config import DefectRecipe, PhantomGeometry
-from xctsam.data import phantom
-from xctsam.data.phantom import (
+from xctsam.sim import phantom
+from xctsam.sim.phantom import (
     defect_fractions,
     make_phantom,
     make_specimen,

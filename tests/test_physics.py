@@ -7,8 +7,8 @@ import pytest
 from skimage.transform import iradon, radon
 
 from xctsam.config import Filtration, IdealRender, Scanner
-from xctsam.data.materials import linear_attenuation
-from xctsam.data.physics import (
+from xctsam.sim.materials import linear_attenuation
+from xctsam.sim.physics import (
     Spectrum,
     XctScanner,
     kramers_spectrum,
@@ -16,7 +16,7 @@ from xctsam.data.physics import (
     render_ideal,
     scanner_spectrum,
 )
-from xctsam.data.projector import ParallelBeamProjector, inscribed_circle
+from xctsam.sim.projector import ParallelBeamProjector, inscribed_circle
 
 
 def radius_map(size: int) -> np.ndarray:
@@ -209,3 +209,12 @@ def test_render_ideal_gives_each_label_its_material_attenuation() -> None:
 def test_render_ideal_refuses_unknown_labels() -> None:
     with pytest.raises(ValueError, match="0..3"):
         render_ideal(np.full((1, 4, 4), 7, np.uint8), IdealRender(), "Ti64", "W")
+
+
+def test_params_name_exactly_the_materials_the_simulator_knows() -> None:
+    from typing import get_args
+
+    from xctsam.config import MaterialName
+    from xctsam.sim.materials import MATERIALS
+
+    assert set(get_args(MaterialName)) == set(MATERIALS)

@@ -12,9 +12,9 @@ import pytest
 from xctsam.config import Params, parse_params
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.volumes import write_volume
+from xctsam.models.checkpoint import save_segmenter_checkpoint
 from xctsam.models.factory import build_segmenter, model_meta
 from xctsam.report import NOT_RUN, write_report
-from xctsam.train.checkpoint import save_segmenter_checkpoint
 
 SPLITS = ["Te-1", "Te-2", "Te-3"]
 FID = {"Te-1": 30.0, "Te-2": 10.0, "Te-3": 20.0}  # ascending order: Te-2, Te-3, Te-1

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from xctsam.config import UNetConfig
+from xctsam.models.losses import segmentation_loss
 from xctsam.models.unet25d import UNet25D
-from xctsam.train.losses import segmentation_loss
 
 
 def parameter_count(model: torch.nn.Module) -> int:

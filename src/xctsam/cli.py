@@ -57,7 +57,7 @@ def data_phantoms(
 ) -> None:
     """Generate the 3-D label phantoms (coupons with pores and inclusions) of every split."""
     from xctsam.config import load_params
-    from xctsam.data.splits import make_phantoms
+    from xctsam.sim.splits import make_phantoms
 
     config = load_params(params)
     for path in make_phantoms(config, out, seed=seed, splits=split):
@@ -74,7 +74,7 @@ def data_simulate(
 ) -> None:
     """Render each split: idealised (synthetic, domain A) or physics XCT at its scanner setting (real)."""
     from xctsam.config import load_params
-    from xctsam.data.splits import simulate_splits
+    from xctsam.sim.splits import simulate_splits
 
     config = load_params(params)
     for path in simulate_splits(config, phantoms, root, seed=seed, splits=split):

@@ -1,10 +1,9 @@
-"""Content hashes: of files (checkpoints, volumes), of split folders, and of settings."""
+"""Content hashes: of files (checkpoints, volumes) and of settings."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,3 @@ def file_sha256(path: Path) -> str:
     """Hex sha256 of a file, streamed (official SAM checkpoints are 0.4 to 2.6 GB)."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def folders_digest(folders: Iterable[Path]) -> dict[str, list[tuple[str, str]]]:
-    """{folder: [(volume file, sha256), ...]}: identifies the data a model was trained on."""
-    from xctsam.data.volumes import split_volumes
-
-    return {str(folder): [(path.name, file_sha256(path)) for path in split_volumes(Path(folder))] for folder in folders}

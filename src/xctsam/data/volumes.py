@@ -28,6 +28,7 @@ from xctsam.data.checks import (
     check_real_dtype,
 )
 from xctsam.errors import InputError
+from xctsam.hashing import file_sha256
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -360,6 +361,11 @@ def split_name(folder: str | Path) -> str:
 
 def split_volumes(split_dir: Path) -> list[Path]:
     return sorted(Path(split_dir).glob("*.h5"))
+
+
+def folders_digest(folders: Iterable[Path]) -> dict[str, list[tuple[str, str]]]:
+    """{folder: [(volume file, sha256), ...]}: identifies the data a model was trained on."""
+    return {str(folder): [(path.name, file_sha256(path)) for path in split_volumes(Path(folder))] for folder in folders}
 
 
 def manifest_entry(path: Path, name: str | None = None) -> dict[str, Any]:

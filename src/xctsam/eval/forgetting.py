@@ -2,7 +2,7 @@
 
 SAM-GAN and its fine-tuned variants (SAM-FineReal-Sub, SAM-FineReal) are scored on the
 evaluation volumes: every labelled volume of `eval.splits` except the fine-tuning volumes
-(`train.finetune.evaluation_volumes`). Scoring is the same whole-volume prediction and
+(`eval.holdout.evaluation_volumes`). Scoring is the same whole-volume prediction and
 volume-accumulated IoU as `xctsam eval` (evaluate.count_volume / SplitCounts), restricted to
 those volumes. A fine-tuned checkpoint records its fine-tuning volumes; any of them among the
 evaluation volumes is refused, so changed params cannot make a model be scored on its own
@@ -32,9 +32,9 @@ from xctsam.config import Params, PredictConfig
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.volumes import split_name
 from xctsam.eval.evaluate import SplitCounts, count_volume, json_ready
+from xctsam.eval.holdout import check_no_overlap, evaluation_volumes
 from xctsam.models.base import Segmenter
 from xctsam.progress import track
-from xctsam.train.finetune import check_no_overlap, evaluation_volumes
 
 BASELINE = "SAM-GAN"
 DEFAULT_OUT = Path("metrics/forgetting.json")

@@ -47,6 +47,7 @@ from xctsam.data.datasets import (
     sample_slices,
     split_slices,
 )
+from xctsam.data.volumes import folders_digest
 from xctsam.device import pick_device
 from xctsam.errors import ConfigError, InputError
 from xctsam.finite import check_losses
@@ -58,7 +59,7 @@ from xctsam.gan.cyclegan import (
     to_net,
 )
 from xctsam.gan.synthesize import json_number, mean_iou, slab_structure_iou
-from xctsam.hashing import fingerprint, folders_digest
+from xctsam.hashing import fingerprint
 from xctsam.interrupt import InterruptLatch
 from xctsam.optim import adamw
 from xctsam.progress import track

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
-from xctsam.train.losses import segmentation_loss
+from xctsam.models.losses import segmentation_loss
 
 
 class Segmenter(nn.Module, ABC):

@@ -12,6 +12,7 @@ from xctsam.config import Params, SamConfig, UNetConfig
 from xctsam.data.datasets import IntensityWindow
 from xctsam.errors import InputError, listed
 from xctsam.models.base import Segmenter
+from xctsam.models.checkpoint import SEGMENTER_REMEDY, load_segmenter_checkpoint
 
 ModelKind = Literal["sam", "unet"]
 MODEL_KINDS: tuple[ModelKind, ...] = ("sam", "unet")
@@ -85,8 +86,6 @@ def _rebuild(path: Path, meta: Mapping[str, Any], remedy: str) -> Segmenter:
 
 def load_segmenter(path: Path) -> tuple[Segmenter, IntensityWindow, dict[str, Any]]:
     """(model in eval mode, its intensity window, its meta) from a `best.pt` of `xctsam train`."""
-    from xctsam.train.checkpoint import SEGMENTER_REMEDY, load_segmenter_checkpoint
-
     state, meta = load_segmenter_checkpoint(path)
     model = _rebuild(path, meta, SEGMENTER_REMEDY)
     misfit = _weights_misfit(model.state_dict(), state)

@@ -41,8 +41,8 @@ from xctsam import CLASS_NAMES, NUM_CLASSES
 from xctsam.config import ConvLoraConfig, SamConfig
 from xctsam.models.base import MulticlassSegmenter, Segmenter
 from xctsam.models.conv_lora import ConvLoRAQKV, collect_balance_loss, inject_conv_lora
+from xctsam.models.losses import binary_segmentation_loss
 from xctsam.models.sam_builder import Sam, build_sam
-from xctsam.train.losses import binary_segmentation_loss
 
 PIXEL_RANGE = 255.0  # SAM's normalisation expects 0..255 RGB
 PER_CLASS_ORDER: tuple[str, ...] = CLASS_NAMES[1:]  # painting order: material, pore, inclusion

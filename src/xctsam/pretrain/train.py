@@ -39,6 +39,7 @@ from xctsam.errors import ConfigError
 from xctsam.finite import check_losses
 from xctsam.hashing import file_sha256, fingerprint
 from xctsam.interrupt import InterruptLatch
+from xctsam.models.checkpoint import STATE_FORMAT, save_atomic
 from xctsam.models.sam_builder import Sam, build_sam
 from xctsam.optim import adamw
 from xctsam.pretrain.losses import promptable_loss
@@ -46,11 +47,9 @@ from xctsam.pretrain.promptable import decode, embed_images, read_masks
 from xctsam.pretrain.prompts import mask_box, mask_point, sample_prompts
 from xctsam.pretrain.shapes import ShapeImage, make_image
 from xctsam.train.checkpoint import (
-    STATE_FORMAT,
     capture_rng,
     load_training_state,
     restore_rng,
-    save_atomic,
     seed_everything,
 )
 from xctsam.train.loop import (

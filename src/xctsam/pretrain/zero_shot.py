@@ -40,9 +40,9 @@ from xctsam.eval.evaluate import (
     mlflow_metrics,
     pivot,
 )
+from xctsam.models.foundation import describe_foundation
 from xctsam.models.sam_builder import Sam, build_sam
 from xctsam.models.sam_peft import PER_CLASS_ORDER, PerClassPeftSam
-from xctsam.pretrain.foundation import describe_foundation
 from xctsam.pretrain.promptable import SINGLE, decode, embed_images
 from xctsam.pretrain.prompts import component_boxes
 from xctsam.progress import track

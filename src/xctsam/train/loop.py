@@ -57,14 +57,12 @@ from xctsam.eval.metrics import ConfusionCounter, iou_dice, mean_defined
 from xctsam.finite import check_losses, check_weights
 from xctsam.interrupt import InterruptLatch
 from xctsam.models.base import Segmenter
+from xctsam.models.checkpoint import STATE_FORMAT, save_atomic, save_segmenter_checkpoint
 from xctsam.optim import adamw
 from xctsam.train.checkpoint import (
-    STATE_FORMAT,
     capture_rng,
     load_training_state,
     restore_rng,
-    save_atomic,
-    save_segmenter_checkpoint,
     seed_everything,
     training_fingerprint,
 )

@@ -9,7 +9,7 @@ from typing import Any
 from xctsam.config import Params, TrainConfig
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.tiles import SegmentationTiles, validation_slices
-from xctsam.hashing import folders_digest
+from xctsam.data.volumes import folders_digest
 from xctsam.models.base import Segmenter, trainable_parameters
 from xctsam.models.factory import ModelKind, build_segmenter, model_meta
 from xctsam.train.loop import (
@@ -47,7 +47,7 @@ def prepare_training(kind: ModelKind, params: Params, data_root: Path) -> Prepar
     # the data's content is part of the model's identity: new data, new training
     meta = {**model_meta(kind, params, window), "data": folders_digest(split_dirs)}
     if kind == "sam":  # the foundation's content too: a new stand-in (same path) means a new training
-        from xctsam.pretrain.foundation import describe_foundation
+        from xctsam.models.foundation import describe_foundation
 
         meta["foundation"] = describe_foundation(params.sam)
     sampler = SegmentationTiles(train_refs, window, config.tile, model.context, config.oversample, params.seed + process_rank())

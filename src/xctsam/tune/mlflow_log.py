@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from xctsam import tracking
-from xctsam.tune.objective import retry_of
+from xctsam.tune.trials import retry_of
 
 STUDY_TAG = "xctsam.tune.study"
 STORAGE_TAG = "xctsam.tune.storage"

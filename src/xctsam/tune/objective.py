@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from xctsam.config import Params
 from xctsam.tune.space import apply_values
+from xctsam.tune.trials import retry_of
 
 if TYPE_CHECKING:
     from xctsam.tune.mlflow_log import TrialRun
@@ -37,12 +38,6 @@ def epochs_of(params: Params) -> int:
     """Validations one trial makes (the pruner's resource): one per epoch_steps and at the end."""
     config = getattr(params.train, params.tune.model)
     return math.ceil(config.steps / config.epoch_steps)
-
-
-def retry_of(trial: Any) -> int | None:
-    """The number of the trial this one retries (its worker died), or None."""
-    frozen = trial.study._storage.get_trial(trial._trial_id)  # a live Trial does not expose system attrs
-    return frozen.system_attrs.get("failed_trial")
 
 
 def trial_params(params: Params, values: dict[str, Any], source: Path | str = "tune") -> Params:

@@ -33,8 +33,8 @@ import scipy.ndimage
 import torch
 
 from xctsam.config import IdealRender, Scanner
-from xctsam.data.materials import linear_attenuation
-from xctsam.data.projector import ParallelBeamProjector, projector_for
+from xctsam.sim.materials import linear_attenuation
+from xctsam.sim.projector import ParallelBeamProjector, projector_for
 
 MATERIAL_LABEL = 1
 INCLUSION_LABEL = 3

@@ -63,7 +63,7 @@ def _prune(folder: Path, keep: set[Path]) -> None:
 # ---------------------------------------------------------------- phantoms
 def make_phantoms(params: Params, out: Path, *, seed: int | None = None, splits: Iterable[str] | None = None) -> Iterator[Path]:
     """Write data/phantoms/<split>/<split>_NNN.h5 (labels, and the labels as image)."""
-    from xctsam.data.phantom import defect_fractions, make_phantom
+    from xctsam.sim.phantom import defect_fractions, make_phantom
 
     seed = params.seed if seed is None else seed
     data = params.data
@@ -98,7 +98,7 @@ Imager = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 def _imager(params: Params, split: SplitRecipe, size: int) -> Imager:
     """The idealised render for synthetic splits, the physics scanner for real ones."""
-    from xctsam.data.physics import XctScanner, render_ideal
+    from xctsam.sim.physics import XctScanner, render_ideal
 
     if split.kind == "synthetic":
         return lambda labels, _rng: render_ideal(labels, params.data.render, split.alloy, split.inclusion_material)
