@@ -17,9 +17,9 @@ import yaml
 from xctsam.cli import main
 from xctsam.config import parse_params
 from xctsam.data.volumes import write_volume
+from xctsam.models.foundation import describe_foundation
 from xctsam.models.sam_builder import build_sam, load_sam_checkpoint
 from xctsam.models.sam_peft import build_peft_sam
-from xctsam.pretrain.foundation import describe_foundation
 from xctsam.pretrain.prompts import component_boxes, mask_box, sample_prompts
 from xctsam.pretrain.shapes import _shape_mask, make_image
 from xctsam.pretrain.train import (
