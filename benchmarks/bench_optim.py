@@ -1,5 +1,5 @@
 """Benchmark: one AdamW step over the small SAM's parameters, torch's per-tensor loop (its CPU
-default) against the fused kernel xctsam.optim.adamw uses. Medians of 30 steps.
+default) against the fused kernel xctsam.util.optim.adamw uses. Medians of 30 steps.
 
     .venv/bin/python benchmarks/bench_optim.py [--params params.yaml]
 """
@@ -14,8 +14,8 @@ import torch
 
 from xctsam.config import load_params
 from xctsam.models.sam_builder import build_sam
-from xctsam.optim import adamw
 from xctsam.pretrain.train import stand_in_config
+from xctsam.util.optim import adamw
 
 
 def median_step_ms(optimizer: torch.optim.Optimizer, repeats: int = 30) -> float:

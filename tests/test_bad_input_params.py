@@ -22,15 +22,15 @@ import pytest
 import torch
 import yaml
 
-from xctsam import safe_yaml
 from xctsam.cli import main
 from xctsam.config import parse_params
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.volumes import write_volume
-from xctsam.errors import ConfigError, TrainingDiverged
-from xctsam.finite import check_losses, check_weights
 from xctsam.models.checkpoint import SEGMENTER_FORMAT, save_segmenter_checkpoint
 from xctsam.models.factory import build_segmenter, model_meta
+from xctsam.util import safe_yaml
+from xctsam.util.errors import ConfigError, TrainingDiverged
+from xctsam.util.finite import check_losses, check_weights
 
 from .conftest import REPO, write_params
 

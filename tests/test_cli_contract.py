@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from xctsam.data.volumes import write_volume
-from xctsam.interrupt import Interrupted
 from xctsam.tune.study import worst_exit_code
+from xctsam.util.interrupt import Interrupted
 
 from .conftest import write_params
 
@@ -209,7 +209,7 @@ def test_sigterm_outside_a_training_loop_keeps_finished_outputs_only(tmp_path: P
 
 
 def test_stage_runs_and_their_parent_end_killed_or_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from xctsam import tracking
+    from xctsam.util import tracking
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -8,7 +8,7 @@ import sys
 
 def test_sam_and_fid_import_in_a_fresh_process() -> None:
     code = (
-        "from xctsam.compat import ensure_torchvision; ensure_torchvision();"
+        "from xctsam.util.compat import ensure_torchvision; ensure_torchvision();"
         "import segment_anything, pytorch_fid.inception, torch;"
         "from segment_anything import sam_model_registry;"
         "print(sorted(sam_model_registry))"
@@ -21,7 +21,7 @@ def test_sam_and_fid_import_in_a_fresh_process() -> None:
 def test_patched_nms_keeps_highest_scoring_of_overlaps() -> None:
     import torch
 
-    from xctsam.compat import ensure_torchvision
+    from xctsam.util.compat import ensure_torchvision
 
     ensure_torchvision()
     boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60.0]])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from xctsam.config import load_params, parse_params
-from xctsam.errors import ConfigError, InputError
+from xctsam.util.errors import ConfigError, InputError
 
 from .conftest import REPO, write_params
 

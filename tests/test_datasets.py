@@ -9,7 +9,7 @@ import pytest
 
 from xctsam.data.datasets import IntensityWindow, TileSampler, sample_slices, split_slices
 from xctsam.data.volumes import write_volume
-from xctsam.errors import InputError
+from xctsam.util.errors import InputError
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_outputs_get_ordinary_permissions(tmp_path: Path) -> None:
     import os
     import stat
 
-    from xctsam.atomic import atomic_dir, write_text_atomic
+    from xctsam.util.atomic import atomic_dir, write_text_atomic
 
     mask = os.umask(0o022)
     try:

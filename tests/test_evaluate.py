@@ -15,8 +15,8 @@ from xctsam import CLASS_NAMES
 from xctsam.config import PredictConfig, parse_params
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.volumes import write_volume
-from xctsam.errors import ConfigError, InputError
 from xctsam.eval.evaluate import evaluate_model, evaluate_models, mlflow_metrics
+from xctsam.util.errors import ConfigError, InputError
 
 CLASSES = list(range(4))
 WINDOWS = {"flat": IntensityWindow(0.0, 1.0), "wide": IntensityWindow(-0.2, 1.3)}

@@ -17,10 +17,8 @@ import torch
 from scipy import ndimage
 
 from xctsam.cli import main
-from xctsam.compat import ensure_torchvision
 from xctsam.config import SamConfig, parse_params
 from xctsam.data.volumes import write_volume
-from xctsam.errors import InputError, XctsamError
 from xctsam.eval import fid_backbones
 from xctsam.eval.fid import compute_fid, extract_features, frechet_distance
 from xctsam.eval.fid_backbones import (
@@ -30,6 +28,8 @@ from xctsam.eval.fid_backbones import (
     load_inception,
     load_sam_encoder,
 )
+from xctsam.util.compat import ensure_torchvision
+from xctsam.util.errors import InputError, XctsamError
 
 from .conftest import write_params
 

@@ -12,12 +12,12 @@ import pytest
 from xctsam.config import Params, parse_params
 from xctsam.data.datasets import SliceRef
 from xctsam.data.volumes import write_volume
-from xctsam.errors import ConfigError, InputError
 from xctsam.eval.forgetting import evaluate_forgetting, forgetting_deltas
 from xctsam.eval.holdout import check_no_overlap, evaluation_volumes
 from xctsam.models.factory import load_segmenter
 from xctsam.train.finetune import finetune_real, finetune_slices
 from xctsam.train.stage import train_model
+from xctsam.util.errors import ConfigError, InputError
 
 from .test_train_stage import _coupon
 

@@ -15,11 +15,11 @@ import torch
 from xctsam.config import Params, parse_params
 from xctsam.data.datasets import TileSampler
 from xctsam.data.volumes import Volume, read_manifest, write_volume
-from xctsam.errors import InputError
 from xctsam.gan.cyclegan import ImagePool, PatchDiscriminator, ResnetGenerator, Translator
 from xctsam.gan.synthesize import file_sha256, structure_iou, synthesize
 from xctsam.gan.train import CHECKPOINT, GENERATOR, METRICS, SAMPLES, linear_decay, train_gan
-from xctsam.interrupt import Interrupted
+from xctsam.util.errors import InputError
+from xctsam.util.interrupt import Interrupted
 
 STEPS = 6
 CHECKPOINT_EVERY = 2
@@ -302,7 +302,7 @@ def test_training_is_logged_to_mlflow(reference, params: Params) -> None:
 
 
 def test_too_small_tile_for_the_critic_is_refused(default_params: dict, tmp_path: Path) -> None:
-    from xctsam.errors import ConfigError
+    from xctsam.util.errors import ConfigError
 
     with pytest.raises(ConfigError, match="gan.tile"):
         train_gan(tiny_params(default_params, tile=16, discriminator={"filters": 4, "layers": 3}), tmp_path, tmp_path / "gan")

@@ -17,7 +17,7 @@ SRC = REPO / "src"
 # Bottom to top. A module may import its own package, any lower layer, and the utilities; never
 # a higher layer, nor a peer package of its own layer (sim, models and gan stay independent).
 LAYERS: list[set[str]] = [
-    {"xctsam", "atomic", "errors", "hashing", "progress", "interrupt", "device", "tracking", "compat", "optim", "finite", "safe_yaml", "torch_files"},
+    {"xctsam", "util"},
     {"config"},
     {"params_file"},  # edits params.yaml in place, validating through config
     {"data"},

@@ -25,9 +25,6 @@ from torch import nn
 from xctsam.config import TrainConfig
 from xctsam.data.datasets import IntensityWindow, SliceRef
 from xctsam.data.volumes import write_volume
-from xctsam.device import pick_device
-from xctsam.errors import InputError
-from xctsam.interrupt import Interrupted
 from xctsam.models.base import Segmenter
 from xctsam.models.checkpoint import load_segmenter_checkpoint
 from xctsam.train import loop
@@ -40,6 +37,9 @@ from xctsam.train.loop import (
     train_segmenter,
     whole_slice_batches,
 )
+from xctsam.util.device import pick_device
+from xctsam.util.errors import InputError
+from xctsam.util.interrupt import Interrupted
 
 REPO = Path(__file__).resolve().parents[1]
 TILE = 16

@@ -19,7 +19,6 @@ from torch import nn
 from xctsam.config import PredictConfig
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.volumes import Volume, write_volume
-from xctsam.errors import InputError
 from xctsam.eval.predict import (
     context_indices,
     gaussian_importance,
@@ -29,6 +28,7 @@ from xctsam.eval.predict import (
     write_prediction,
 )
 from xctsam.models.base import Segmenter
+from xctsam.util.errors import InputError
 
 UNIT = IntensityWindow(0.0, 1.0)
 

@@ -16,9 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xctsam.compat import ensure_torchvision
 from xctsam.config import SamConfig, SmallSamConfig
-from xctsam.errors import InputError
 from xctsam.models.sam_builder import (
     OFFICIAL_ENCODERS,
     POS_EMBED_KEY,
@@ -26,6 +24,8 @@ from xctsam.models.sam_builder import (
     file_sha256,
     load_sam_checkpoint,
 )
+from xctsam.util.compat import ensure_torchvision
+from xctsam.util.errors import InputError
 
 ensure_torchvision()
 from segment_anything import sam_model_registry  # noqa: E402

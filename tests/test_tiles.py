@@ -17,7 +17,7 @@ from xctsam.data.tiles import (
     validation_slices,
 )
 from xctsam.data.volumes import write_volume
-from xctsam.errors import InputError
+from xctsam.util.errors import InputError
 
 SHAPES = ((6, 30, 30), (4, 24, 28))  # two volumes of one split
 TOTAL = sum(int(np.prod(shape)) for shape in SHAPES)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from xctsam import tracking
+from xctsam.util import tracking
 
 
 def test_store_is_absolute_sqlite_in_the_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -91,7 +91,7 @@ def test_dvc_repro_gives_one_parent_per_execution(tmp_path: Path) -> None:
 
     repo = tmp_path / "repo"
     repo.mkdir()
-    log = "from xctsam.tracking import stage_run\\nwith stage_run('{name}'): pass"
+    log = "from xctsam.util.tracking import stage_run\\nwith stage_run('{name}'): pass"
     stages = {
         name: {"cmd": f'{sys.executable} -c "exec(\\"{log.format(name=name)}\\")" && echo {name} > {name}.txt', "outs": [f"{name}.txt"], **({"deps": ["a.txt"]} if name == "b" else {})}
         for name in ("a", "b")

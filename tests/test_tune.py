@@ -10,13 +10,13 @@ import optuna
 import pytest
 import yaml
 
-from xctsam import tracking
 from xctsam.cli import main
 from xctsam.config import load_params
 from xctsam.data.volumes import write_volume
-from xctsam.errors import ConfigError
 from xctsam.params_file import update_params_file
 from xctsam.tune.space import apply_values, suggest
+from xctsam.util import tracking
+from xctsam.util.errors import ConfigError
 
 from .conftest import REPO, write_params
 from .test_train_stage import _coupon

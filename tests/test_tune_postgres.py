@@ -1,4 +1,4 @@
-"""`xctsam tune run` on the PostgreSQL storage many machines share (127.0.0.1:5432, DESIGN.md).
+"""`xctsam tune run` on the PostgreSQL storage many machines share (127.0.0.1:5432; README, tuning).
 
 Each test gets a database of its own, dropped afterwards. Where no server answers (a laptop
 without PostgreSQL) the tests skip and say so.

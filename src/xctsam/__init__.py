@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-# Label values shared by every stage (DESIGN.md, volume contract).
+# Label values shared by every stage (README, data contract).
 CLASS_NAMES: tuple[str, ...] = ("background", "material", "pore", "inclusion")
 NUM_CLASSES = len(CLASS_NAMES)

@@ -14,8 +14,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from xctsam.errors import XctsamError
-from xctsam.interrupt import Interrupted, signals_raise
+from xctsam.util.errors import XctsamError
+from xctsam.util.interrupt import Interrupted, signals_raise
 
 app = typer.Typer(help="xctsam: SAM with Conv-LoRA for industrial XCT segmentation.", no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Make, import and inspect XCT volumes.", no_args_is_help=True)
@@ -475,7 +475,7 @@ def _show_progress_messages() -> None:
     any live progress bar (one console for both)."""
     from rich.logging import RichHandler
 
-    from xctsam.progress import console
+    from xctsam.util.progress import console
 
     logger = logging.getLogger("xctsam")
     if not logger.handlers:

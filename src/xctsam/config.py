@@ -11,8 +11,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from xctsam import CLASS_NAMES, safe_yaml
-from xctsam.errors import ConfigError, InputError
+from xctsam import CLASS_NAMES
+from xctsam.util import safe_yaml
+from xctsam.util.errors import ConfigError, InputError
 
 DEFAULT_PARAMS = Path("params.yaml")
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import yaml
 
-from xctsam import safe_yaml
-from xctsam.atomic import write_text_atomic
 from xctsam.config import load_params, parse_params
-from xctsam.errors import ConfigError, InputError
+from xctsam.util import safe_yaml
+from xctsam.util.atomic import write_text_atomic
+from xctsam.util.errors import ConfigError, InputError
 
 
 def assign(mapping: MutableMapping[str, Any], dotted: str, value: Any, source: Path | str) -> None:

@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from xctsam.atomic import atomic_path, write_text_atomic
 from xctsam.config import Params
 from xctsam.data.volumes import Volume, split_name, split_volumes
+from xctsam.util.atomic import atomic_path, write_text_atomic
+from xctsam.util.tracking import log_stage
 
 NOT_RUN = "not run yet"
 MODEL_NAMES = {"sam": "SAM-GAN", "unet": "U-Net"}  # eval.json keys -> the study's names
@@ -300,15 +301,5 @@ def write_report(
     write_text_atomic(md_path, render_markdown(sections, out_dir))
     write_text_atomic(html_path, render_html(sections))
     if log_mlflow:
-        _log_to_mlflow(md_path, html_path)
+        log_stage("report", artifacts=[md_path, html_path])
     return md_path, html_path
-
-
-def _log_to_mlflow(*artifacts: Path) -> None:
-    import mlflow
-
-    from xctsam.tracking import stage_run
-
-    with stage_run("report"):
-        for artifact in artifacts:
-            mlflow.log_artifact(str(artifact))

@@ -1,7 +1,7 @@
 """`xctsam ui`: the MLflow UI on the project's store, lean and local.
 
 Defaults to 2 processes and ~0.5 GB instead of MLflow's 11 processes and 2.7 GB: one worker
-and no job execution (DESIGN.md). Bound to 127.0.0.1; Ctrl-C stops the server and its workers.
+and no job execution (measured: README, MLflow). Bound to 127.0.0.1; Ctrl-C stops the server and its workers.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import socket
 import subprocess
 import sys
 
-from xctsam import tracking
-from xctsam.errors import XctsamError
+from xctsam.util import tracking
+from xctsam.util.errors import XctsamError
 
 HOST = "127.0.0.1"
 

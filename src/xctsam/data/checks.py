@@ -13,7 +13,7 @@ import numpy as np
 import psutil
 
 from xctsam import NUM_CLASSES
-from xctsam.errors import InputError
+from xctsam.util.errors import InputError
 
 # numpy kinds that are real numbers: bool, signed and unsigned integers, floats. Complex values
 # would lose their imaginary part silently when cast to float32; strings and objects cannot

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from xctsam.data.volumes import Volume, split_volumes
-from xctsam.errors import InputError
+from xctsam.util.errors import InputError
 
 
 @dataclass(frozen=True)

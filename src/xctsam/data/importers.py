@@ -33,7 +33,6 @@ import tifffile
 from PIL import Image
 
 from xctsam import __version__
-from xctsam.atomic import atomic_dir, atomic_path, remove_created_dirs_on_failure, write_text_atomic
 from xctsam.data.checks import check_fits_in_memory, check_real_dtype, nbytes
 from xctsam.data.volumes import (
     MANIFEST,
@@ -44,8 +43,14 @@ from xctsam.data.volumes import (
     split_volumes,
     write_manifest,
 )
-from xctsam.errors import InputError
-from xctsam.progress import track
+from xctsam.util.atomic import (
+    atomic_dir,
+    atomic_path,
+    remove_created_dirs_on_failure,
+    write_text_atomic,
+)
+from xctsam.util.errors import InputError
+from xctsam.util.progress import track
 
 VOLUME_FORMATS = ("tiff-dir", "tiff", "hdf5", "npy")
 

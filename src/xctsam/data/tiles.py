@@ -29,8 +29,8 @@ import numpy as np
 
 from xctsam.data.datasets import IntensityWindow, SliceReader, SliceRef
 from xctsam.data.volumes import Volume, split_volumes
-from xctsam.errors import InputError
-from xctsam.progress import track
+from xctsam.util.errors import InputError
+from xctsam.util.progress import track
 
 DEFECT_CLASSES = (2, 3)  # pore, inclusion
 _LABEL_SLAB = 32  # slices per label read while indexing defects

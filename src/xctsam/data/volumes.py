@@ -1,4 +1,4 @@
-"""The volume store: one HDF5 file per volume (DESIGN.md contract), read and written by slices.
+"""The volume store: one HDF5 file per volume (README, data contract), read and written by slices.
 
 Layout: dataset `image` (float32, Z x Y x X), optional dataset `labels` (uint8, same shape,
 values 0..3), one slice per chunk, metadata as file attributes. Nested metadata (dicts,
@@ -19,7 +19,6 @@ import h5py
 import numpy as np
 
 from xctsam import CLASS_NAMES, NUM_CLASSES
-from xctsam.atomic import atomic_path, write_text_atomic
 from xctsam.data.checks import (
     LABEL_REMEDY,
     check_finite,
@@ -27,8 +26,10 @@ from xctsam.data.checks import (
     check_label_values,
     check_real_dtype,
 )
-from xctsam.errors import InputError
-from xctsam.hashing import file_sha256
+from xctsam.util.atomic import atomic_path
+from xctsam.util.errors import InputError
+from xctsam.util.hashing import file_sha256
+from xctsam.util.jsonfile import json_text, write_json
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -385,14 +386,14 @@ def _manifest(split: str, entries: Iterable[Mapping[str, Any]], extra: Mapping[s
 
 def manifest_text(split: str, entries: Iterable[Mapping[str, Any]], extra: Mapping[str, Any] | None = None) -> str:
     """manifest.json's content, for callers that stage it with other files."""
-    return json.dumps(_manifest(split, entries, extra), indent=2) + "\n"
+    return json_text(_manifest(split, entries, extra))
 
 
 def write_manifest(split_dir: Path, split: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Describe every volume of a split (shape, labelled, class fractions) in manifest.json."""
     split_dir = Path(split_dir)
     manifest = _manifest(split, [manifest_entry(path) for path in split_volumes(split_dir)], extra)
-    write_text_atomic(split_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    write_json(split_dir / MANIFEST, manifest)
     return manifest
 
 

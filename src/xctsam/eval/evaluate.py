@@ -21,7 +21,6 @@ The same code scores noisy inputs (robustness) through `transform`, and re-fine-
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,15 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from xctsam.atomic import write_text_atomic
 from xctsam.config import Params, PredictConfig
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.volumes import Volume, split_name, split_volumes
-from xctsam.errors import ConfigError, InputError
 from xctsam.eval.metrics import ConfusionCounter, summarise
 from xctsam.eval.predict import SliceTransform, predict_volume
 from xctsam.models.base import Segmenter
-from xctsam.progress import track
+from xctsam.util.errors import ConfigError, InputError
+from xctsam.util.jsonfile import write_json
+from xctsam.util.progress import track
+from xctsam.util.tracking import log_stage
 
 DEFAULT_OUT = Path("metrics/eval.json")
 PER_CLASS_METRICS = {"iou": "iou", "dice": "dice", "iou_slice_mean": "iou_slice"}  # summary key -> MLflow prefix
@@ -142,17 +142,6 @@ def pivot(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, d
     return report
 
 
-def json_ready(value: Any) -> Any:
-    """NaN -> None (JSON null) throughout nested dicts and lists; JSON has no NaN."""
-    if isinstance(value, Mapping):
-        return {key: json_ready(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(item) for item in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
 def mlflow_metrics(splits: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     """Flat MLflow metrics of one model's {split: summary}, NaN scores left out."""
     metrics: dict[str, float] = {}
@@ -163,14 +152,8 @@ def mlflow_metrics(splits: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     return {key: float(value) for key, value in metrics.items() if not math.isnan(value)}
 
 
-def _log_to_mlflow(stage: str, name: str, window: IntensityWindow, params: Params, splits: Mapping[str, Mapping[str, Any]]) -> None:
-    import mlflow
-
-    from xctsam.tracking import stage_run
-
-    run_params = {"predict": params.predict.model_dump(mode="json"), "eval": params.eval.model_dump(mode="json"), "window": window.to_dict()}
-    with stage_run(f"{stage}.{name}", params=run_params, tags={"model": name}):
-        mlflow.log_metrics(mlflow_metrics(splits))
+def _run_params(params: Params, window: IntensityWindow) -> dict[str, Any]:
+    return {"predict": params.predict.model_dump(mode="json"), "eval": params.eval.model_dump(mode="json"), "window": window.to_dict()}
 
 
 def evaluate_models(
@@ -196,8 +179,8 @@ def evaluate_models(
         for name, (model, window) in models.items()
     }
     report = pivot(results)
-    write_text_atomic(Path(out), json.dumps(json_ready(report), indent=2) + "\n")
+    write_json(Path(out), report)
     if log_mlflow:
         for name, (_, window) in models.items():
-            _log_to_mlflow(stage, name, window, params, results[name])
+            log_stage(f"{stage}.{name}", params=_run_params(params, window), tags={"model": name}, metrics=mlflow_metrics(results[name]))
     return report

@@ -14,7 +14,6 @@ should count as farther away, and a per-split window would hide exactly that dif
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -23,14 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from xctsam.atomic import write_text_atomic
-from xctsam.compat import ensure_torchvision
 from xctsam.config import Params
 from xctsam.data.datasets import IntensityWindow, SliceReader, SliceRef, sample_slices, split_slices
 from xctsam.data.volumes import split_name
-from xctsam.errors import ConfigError, InputError
 from xctsam.eval.fid_backbones import FeatureBackbone, load_backbone
-from xctsam.progress import track
+from xctsam.util.compat import ensure_torchvision
+from xctsam.util.errors import ConfigError, InputError
+from xctsam.util.jsonfile import write_json
+from xctsam.util.progress import track
+from xctsam.util.tracking import log_stage
 
 DEFAULT_OUT = Path("metrics/fid.json")
 
@@ -144,17 +144,11 @@ class SplitFeatures:
 
 
 # ---------------------------------------------------------------- the stage
-def _log_to_mlflow(params: Params, result: dict[str, Any]) -> None:
-    import mlflow
-
-    from xctsam.tracking import stage_run
-
-    metrics = {f"fid.{name}": value for group in ("fid", "pairs") for name, value in result[group].items()}
+def _run_params(params: Params) -> dict[str, Any]:
     run_params: dict[str, Any] = {"seed": params.seed, "fid": params.fid.model_dump(mode="json")}
     if params.fid.backbone == "sam":  # the encoder's variant and checkpoint shape the features
         run_params["sam"] = params.sam.model_dump(mode="json")
-    with stage_run("fid", params=run_params, tags={"fid.backbone": result["backbone"]}):
-        mlflow.log_metrics(metrics)
+    return run_params
 
 
 def compute_fid(params: Params, data_root: Path, out: Path = DEFAULT_OUT) -> dict[str, Any]:
@@ -186,6 +180,7 @@ def compute_fid(params: Params, data_root: Path, out: Path = DEFAULT_OUT) -> dic
         "fid": distances,
         "pairs": pairs,
     }
-    write_text_atomic(Path(out), json.dumps(result, indent=2) + "\n")
-    _log_to_mlflow(params, result)
+    write_json(Path(out), result)
+    metrics = {f"fid.{name}": value for group in ("fid", "pairs") for name, value in result[group].items()}
+    log_stage("fid", params=_run_params(params), tags={"fid.backbone": result["backbone"]}, metrics=metrics)
     return result

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xctsam.compat import ensure_torchvision
 from xctsam.config import SamConfig
-from xctsam.errors import XctsamError
+from xctsam.util.compat import ensure_torchvision
+from xctsam.util.errors import XctsamError
 
 INCEPTION_SIZE = 299
 INCEPTION_DIMS = 2048

@@ -19,22 +19,23 @@ and the MLflow run `forgetting` with metrics `forgetting.<variant>.<split>.<clas
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from xctsam.atomic import write_text_atomic
 from xctsam.config import Params, PredictConfig
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.volumes import split_name
-from xctsam.eval.evaluate import SplitCounts, count_volume, json_ready
+from xctsam.eval.evaluate import SplitCounts, count_volume
 from xctsam.eval.holdout import check_no_overlap, evaluation_volumes
 from xctsam.models.base import Segmenter
-from xctsam.progress import track
+from xctsam.util.jsonfile import write_json
+from xctsam.util.progress import track
+from xctsam.util.tracking import log_stage
 
 BASELINE = "SAM-GAN"
 DEFAULT_OUT = Path("metrics/forgetting.json")
@@ -126,17 +127,8 @@ def mlflow_metrics(deltas: Mapping[str, SplitScores]) -> dict[str, float]:
     }
 
 
-def _log_to_mlflow(
-    params: Params,
-    volumes: Mapping[str, Sequence[Path]],
-    models: Mapping[str, Path],
-    deltas: Mapping[str, SplitScores],
-) -> None:
-    import mlflow
-
-    from xctsam.tracking import stage_run
-
-    run_params = {
+def _run_params(params: Params, volumes: Mapping[str, Sequence[Path]], models: Mapping[str, Path]) -> dict[str, Any]:
+    return {
         "predict": params.predict.model_dump(mode="json"),
         "eval": params.eval.model_dump(mode="json"),
         "finetune": params.finetune.model_dump(mode="json"),
@@ -145,8 +137,6 @@ def _log_to_mlflow(
             split_name(folder): [path.name for path in paths] for folder, paths in volumes.items()
         },
     }
-    with stage_run(STAGE, params=run_params):
-        mlflow.log_metrics(mlflow_metrics(deltas))
 
 
 def evaluate_forgetting(
@@ -175,7 +165,7 @@ def evaluate_forgetting(
         )
     variants = {name: scores for name, scores in iou.items() if name != BASELINE}
     report = {"iou": iou, "deltas": forgetting_deltas(iou[BASELINE], variants)}
-    write_text_atomic(Path(out), json.dumps(json_ready(report), indent=2) + "\n")
+    write_json(Path(out), report)
     if log_mlflow:
-        _log_to_mlflow(params, volumes, models, report["deltas"])
+        log_stage(STAGE, params=_run_params(params, volumes, models), metrics=mlflow_metrics(report["deltas"]))
     return report

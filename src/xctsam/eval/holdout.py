@@ -13,8 +13,8 @@ from pathlib import Path
 
 from xctsam.config import Params
 from xctsam.data.datasets import SliceRef
-from xctsam.errors import ConfigError, InputError
 from xctsam.eval.evaluate import eval_split_dirs, labelled_volumes
+from xctsam.util.errors import ConfigError, InputError
 
 PARAMS_KEY = "finetune.volumes"
 

@@ -40,10 +40,10 @@ from xctsam.data.checks import check_fits_in_memory, nbytes
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.tiles import context_indices as tile_context
 from xctsam.data.volumes import Volume, VolumeWriter
-from xctsam.device import pick_device
-from xctsam.errors import InputError
 from xctsam.models.base import Segmenter
-from xctsam.progress import track
+from xctsam.util.device import pick_device
+from xctsam.util.errors import InputError
+from xctsam.util.progress import track
 
 SliceTransform = Callable[[np.ndarray], np.ndarray]
 OutputFormat = Literal["hdf5", "tiff"]
@@ -333,7 +333,7 @@ def _write_hdf5(ordered: Iterable[tuple[int, np.ndarray]], out: Path, source: Vo
 def _write_tiff(ordered: Iterable[tuple[int, np.ndarray]], out: Path, shape: tuple[int, int, int], attrs: Mapping[str, Any]) -> None:
     import tifffile
 
-    from xctsam.atomic import atomic_path
+    from xctsam.util.atomic import atomic_path
 
     pages = (labels for _, labels in ordered)
     with atomic_path(out) as tmp, tifffile.TiffWriter(tmp) as tif:

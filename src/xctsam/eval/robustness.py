@@ -24,7 +24,6 @@ Outputs (all written atomically, before anything is logged):
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -34,11 +33,13 @@ import numpy as np
 import torch
 
 from xctsam import CLASS_NAMES
-from xctsam.atomic import atomic_path, write_text_atomic
 from xctsam.config import Params
 from xctsam.data.datasets import IntensityWindow
-from xctsam.eval.evaluate import Models, eval_split_dirs, evaluate_model, json_ready
+from xctsam.eval.evaluate import Models, eval_split_dirs, evaluate_model
 from xctsam.models.base import Segmenter
+from xctsam.util.atomic import atomic_path
+from xctsam.util.jsonfile import write_json
+from xctsam.util.tracking import log_stage
 
 NoiseKind = Literal["gaussian", "poisson"]
 NOISE_KINDS: tuple[NoiseKind, ...] = ("gaussian", "poisson")
@@ -121,7 +122,7 @@ def score_model(
 
 # ---------------------------------------------------------------- outputs
 def write_rows(rows: Sequence[Row], out_json: Path) -> None:
-    write_text_atomic(Path(out_json), json.dumps(json_ready(list(rows)), indent=2) + "\n")
+    write_json(Path(out_json), list(rows))
 
 
 def _select(rows: Sequence[Row], **match: Any) -> list[Row]:
@@ -185,16 +186,8 @@ def mlflow_metrics(rows: Sequence[Row]) -> dict[str, float]:
     }
 
 
-def _log_to_mlflow(params: Params, models: Sequence[str], rows: Sequence[Row], artifacts: Sequence[Path]) -> None:
-    import mlflow
-
-    from xctsam.tracking import stage_run
-
-    run_params = {"seed": params.seed, "robustness": params.robustness.model_dump(mode="json"), "predict": params.predict.model_dump(mode="json")}
-    with stage_run(STAGE, params=run_params, tags={"models": ",".join(models)}):
-        mlflow.log_metrics(mlflow_metrics(rows))
-        for path in artifacts:
-            mlflow.log_artifact(str(path), artifact_path=STAGE)
+def _run_params(params: Params) -> dict[str, Any]:
+    return {"seed": params.seed, "robustness": params.robustness.model_dump(mode="json"), "predict": params.predict.model_dump(mode="json")}
 
 
 # ---------------------------------------------------------------- stage
@@ -219,5 +212,5 @@ def evaluate_robustness(
     write_rows(rows, out_json)
     pngs = write_plots(rows, list(models), list(split_dirs), png_dir)
     if log_mlflow:
-        _log_to_mlflow(params, list(models), rows, [Path(out_json), *pngs])
+        log_stage(STAGE, params=_run_params(params), tags={"models": ",".join(models)}, metrics=mlflow_metrics(rows), artifacts=[Path(out_json), *pngs], artifact_path=STAGE)
     return rows

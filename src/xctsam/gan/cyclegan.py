@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xctsam.atomic import atomic_path
 from xctsam.data.datasets import IntensityWindow
-from xctsam.errors import InputError
-from xctsam.torch_files import load_torch_file
+from xctsam.util.atomic import atomic_path
+from xctsam.util.errors import InputError
+from xctsam.util.torch_files import load_torch_file
 
 TRANSLATOR_FORMAT = "xctsam.cyclegan.translator/1"
 DOWNSAMPLINGS = 2

@@ -15,14 +15,15 @@ from typing import Any
 import numpy as np
 from skimage.filters import threshold_otsu
 
-from xctsam.atomic import atomic_dir
 from xctsam.config import Params
 from xctsam.data.volumes import Volume, VolumeWriter, split_volumes, write_manifest
-from xctsam.device import pick_device
-from xctsam.errors import InputError
 from xctsam.gan.cyclegan import Translator
-from xctsam.hashing import file_sha256, fingerprint
-from xctsam.progress import track
+from xctsam.util.atomic import atomic_dir
+from xctsam.util.device import pick_device
+from xctsam.util.errors import InputError
+from xctsam.util.hashing import file_sha256, fingerprint
+from xctsam.util.progress import track
+from xctsam.util.tracking import log_stage
 
 SOLID_LABELS = (1, 3)  # material and inclusion attenuate more than air and pores: bright in XCT
 SLAB = 8  # slices translated per generator call
@@ -47,11 +48,6 @@ def mean_iou(values: list[float]) -> float:
     """Mean over the slices where the IoU is defined (NaN if none is)."""
     defined = [v for v in values if not math.isnan(v)]
     return float(np.mean(defined)) if defined else math.nan
-
-
-def json_number(value: float) -> float | None:
-    """NaN (no structure anywhere) is not JSON: written as null."""
-    return None if math.isnan(value) else value
 
 
 def _labelled_sources(source_dir: Path) -> list[Path]:
@@ -90,17 +86,6 @@ def translate_volume(translator: Translator, source: Path, target: Path, split: 
     return ious
 
 
-def _log_to_mlflow(params: Params, provenance: dict[str, Any], split_iou: float) -> None:
-    import mlflow
-
-    from xctsam.tracking import stage_run
-
-    logged = {"gan": {"domain_a": params.gan.domain_a, "output": params.gan.output}, "generator_sha256": provenance["generator_sha256"]}
-    with stage_run("gan_synthesize", params=logged):
-        if not math.isnan(split_iou):
-            mlflow.log_metric("gan.structure_iou", split_iou)
-
-
 def synthesize(params: Params, data_root: Path, generator_path: Path) -> list[Path]:
     """Translate every volume of gan.domain_a into gan.output (same file names); returns their paths.
 
@@ -127,7 +112,8 @@ def synthesize(params: Params, data_root: Path, generator_path: Path) -> list[Pa
             slice_ious[source.name] = translate_volume(translator, source, tmp / source.name, target_dir.name, provenance)
         split_iou = mean_iou([iou for ious in slice_ious.values() for iou in ious])
         per_volume = {name: mean_iou(ious) for name, ious in slice_ious.items()}
-        extra = {"structure_iou": json_number(split_iou), "structure_iou_per_volume": {k: json_number(v) for k, v in per_volume.items()}, "gan": provenance}
+        extra = {"structure_iou": split_iou, "structure_iou_per_volume": per_volume, "gan": provenance}
         write_manifest(tmp, target_dir.name, extra)
-    _log_to_mlflow(params, provenance, split_iou)
+    logged = {"gan": {"domain_a": params.gan.domain_a, "output": params.gan.output}, "generator_sha256": provenance["generator_sha256"]}
+    log_stage("gan_synthesize", params=logged, metrics={"gan.structure_iou": split_iou})
     return [target_dir / source.name for source in sources]

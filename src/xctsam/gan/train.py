@@ -37,7 +37,6 @@ from PIL import Image
 from skimage.util import montage
 from torch import nn
 
-from xctsam.atomic import atomic_path, write_text_atomic
 from xctsam.config import GanConfig, Params
 from xctsam.data.datasets import (
     IntensityWindow,
@@ -48,9 +47,6 @@ from xctsam.data.datasets import (
     split_slices,
 )
 from xctsam.data.volumes import folders_digest
-from xctsam.device import pick_device
-from xctsam.errors import ConfigError, InputError
-from xctsam.finite import check_losses
 from xctsam.gan.cyclegan import (
     ImagePool,
     PatchDiscriminator,
@@ -58,12 +54,17 @@ from xctsam.gan.cyclegan import (
     Translator,
     to_net,
 )
-from xctsam.gan.synthesize import json_number, mean_iou, slab_structure_iou
-from xctsam.hashing import fingerprint
-from xctsam.interrupt import InterruptLatch
-from xctsam.optim import adamw
-from xctsam.progress import track
-from xctsam.torch_files import load_torch_file
+from xctsam.gan.synthesize import mean_iou, slab_structure_iou
+from xctsam.util.atomic import atomic_path
+from xctsam.util.device import pick_device
+from xctsam.util.errors import ConfigError, InputError
+from xctsam.util.finite import check_losses
+from xctsam.util.hashing import fingerprint
+from xctsam.util.interrupt import InterruptLatch
+from xctsam.util.jsonfile import write_json
+from xctsam.util.optim import adamw
+from xctsam.util.progress import track
+from xctsam.util.torch_files import load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +399,7 @@ def train_gan(params: Params, data_root: Path, out_dir: Path, *, resume: bool = 
     With `resume`, a finished training of the same params and data returns at once and a
     checkpoint of it continues where it stopped; without, training starts from scratch.
     """
-    from xctsam.tracking import stage_run
+    from xctsam.util.tracking import stage_run
 
     config = params.gan
     data_root, out_dir = Path(data_root), Path(out_dir)
@@ -430,7 +431,7 @@ def train_gan(params: Params, data_root: Path, out_dir: Path, *, resume: bool = 
             "resumed_from": start,
             "seconds": seconds,
             "steps_per_second": steps_per_second,
-            "structure_iou": json_number(iou),
+            "structure_iou": iou,
             "losses": losses,
             "device": str(gan.device),
             "threads": torch.get_num_threads(),
@@ -439,5 +440,5 @@ def train_gan(params: Params, data_root: Path, out_dir: Path, *, resume: bool = 
             mlflow.log_metric("gan.steps_per_second", steps_per_second)
         mlflow.log_metric("gan.structure_iou", iou, step=config.steps)
         translator.save(out_dir / GENERATOR)
-        write_text_atomic(out_dir / METRICS, json.dumps(metrics, indent=2) + "\n")
+        write_json(out_dir / METRICS, metrics)
     return GanResult(out_dir / GENERATOR, config.steps, iou, steps_per_second, start, metrics, run.info.run_id)

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from xctsam.atomic import atomic_path
-from xctsam.errors import InputError, listed
-from xctsam.torch_files import load_torch_file
+from xctsam.util.atomic import atomic_path
+from xctsam.util.errors import InputError, listed
+from xctsam.util.torch_files import load_torch_file
 
 SEGMENTER_FORMAT = "xctsam.segmenter/1"
 STATE_FORMAT = "xctsam.train.state/1"  # a resumable training state (xctsam.train.checkpoint), named in refusals

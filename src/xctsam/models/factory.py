@@ -10,9 +10,9 @@ from pydantic import ValidationError
 
 from xctsam.config import Params, SamConfig, UNetConfig
 from xctsam.data.datasets import IntensityWindow
-from xctsam.errors import InputError, listed
 from xctsam.models.base import Segmenter
 from xctsam.models.checkpoint import SEGMENTER_REMEDY, load_segmenter_checkpoint
+from xctsam.util.errors import InputError, listed
 
 ModelKind = Literal["sam", "unet"]
 MODEL_KINDS: tuple[ModelKind, ...] = ("sam", "unet")

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 
 from xctsam.config import SamConfig
-from xctsam.hashing import file_sha256
 from xctsam.models.sam_builder import has_official_name
+from xctsam.util.hashing import file_sha256
 
 
 def describe_foundation(config: SamConfig) -> dict[str, str]:

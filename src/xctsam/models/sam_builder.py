@@ -27,11 +27,11 @@ from typing import Any, NoReturn
 import torch
 import torch.nn.functional as F
 
-from xctsam.compat import ensure_torchvision
 from xctsam.config import SamConfig
-from xctsam.errors import InputError, listed
-from xctsam.hashing import file_sha256
-from xctsam.torch_files import load_torch_file
+from xctsam.util.compat import ensure_torchvision
+from xctsam.util.errors import InputError, listed
+from xctsam.util.hashing import file_sha256
+from xctsam.util.torch_files import load_torch_file
 
 ensure_torchvision()  # segment_anything imports torchvision, which needs the CPU shim here
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from xctsam.compat import ensure_torchvision
+from xctsam.util.compat import ensure_torchvision
 
 ensure_torchvision()  # torchvision.ops needs the CPU shim here
 

@@ -33,15 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xctsam.atomic import write_text_atomic
 from xctsam.config import Params, PretrainConfig, SamConfig
-from xctsam.errors import ConfigError
-from xctsam.finite import check_losses
-from xctsam.hashing import file_sha256, fingerprint
-from xctsam.interrupt import InterruptLatch
 from xctsam.models.checkpoint import STATE_FORMAT, save_atomic
 from xctsam.models.sam_builder import Sam, build_sam
-from xctsam.optim import adamw
 from xctsam.pretrain.losses import promptable_loss
 from xctsam.pretrain.promptable import decode, embed_images, read_masks
 from xctsam.pretrain.prompts import mask_box, mask_point, sample_prompts
@@ -60,6 +54,12 @@ from xctsam.train.loop import (
     start_runtime,
     step_progress,
 )
+from xctsam.util.errors import ConfigError
+from xctsam.util.finite import check_losses
+from xctsam.util.hashing import file_sha256, fingerprint
+from xctsam.util.interrupt import InterruptLatch
+from xctsam.util.jsonfile import write_json
+from xctsam.util.optim import adamw
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def write_outputs(sam: Sam, checkpoint: Path, summary: dict[str, Any]) -> dict[s
     """The plain state dict (official format), then the sidecar naming its sha256."""
     save_atomic({name: tensor.detach().cpu().contiguous() for name, tensor in sam.state_dict().items()}, checkpoint)
     summary = {"format": SIDECAR_FORMAT, **summary, "sha256": file_sha256(checkpoint)}
-    write_text_atomic(sidecar_path(checkpoint), json.dumps(summary, indent=2) + "\n")
+    write_json(sidecar_path(checkpoint), summary)
     return summary
 
 
@@ -241,7 +241,7 @@ def _mlflow_run(params: Params, enabled: bool) -> Iterator[tuple[str | None, Cal
         return
     import mlflow
 
-    from xctsam import tracking
+    from xctsam.util import tracking
 
     logged = {"pretrain": params.pretrain.model_dump(mode="json"), "sam": {"small": params.sam.small.model_dump(mode="json"), "image_size": params.sam.image_size}}
     with tracking.stage_run("pretrain_sam", logged, tags={"model": "sam_stand_in"}) as run:

@@ -17,7 +17,6 @@ tagged with the foundation it ran on.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from xctsam import CLASS_NAMES
-from xctsam.atomic import write_text_atomic
 from xctsam.config import Params
 from xctsam.data.datasets import IntensityWindow, split_slices
 from xctsam.data.volumes import Volume
-from xctsam.device import pick_device
-from xctsam.errors import ConfigError
 from xctsam.eval.evaluate import (
     SplitCounts,
     eval_split_dirs,
-    json_ready,
     labelled_volumes,
     mlflow_metrics,
     pivot,
@@ -45,7 +40,10 @@ from xctsam.models.sam_builder import Sam, build_sam
 from xctsam.models.sam_peft import PER_CLASS_ORDER, PerClassPeftSam
 from xctsam.pretrain.promptable import SINGLE, decode, embed_images
 from xctsam.pretrain.prompts import component_boxes
-from xctsam.progress import track
+from xctsam.util.device import pick_device
+from xctsam.util.errors import ConfigError
+from xctsam.util.jsonfile import write_json
+from xctsam.util.progress import track
 
 MODEL_NAME = "sam_zero_shot"
 DEFAULT_OUT = Path("metrics/zero_shot/default.json")
@@ -121,11 +119,11 @@ def zero_shot(
     sam = build_sam(params.sam).to(device).eval()
     results = {split: count_split(sam, split_dir, params.seed, device, progress).summary() for split, split_dir in split_dirs.items()}
     report = pivot({MODEL_NAME: results})
-    write_text_atomic(Path(out), json.dumps(json_ready(report), indent=2) + "\n")
+    write_json(Path(out), report)
     if log_mlflow:
         import mlflow
 
-        from xctsam.tracking import stage_run
+        from xctsam.util.tracking import stage_run
 
         logged = {"eval": params.eval.model_dump(mode="json"), "sam": params.sam.model_dump(mode="json", exclude={"lora", "layout"})}
         with stage_run(f"zero_shot.{MODEL_NAME}", params=logged, tags={"model": MODEL_NAME, **describe_foundation(params.sam)}):

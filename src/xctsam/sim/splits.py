@@ -17,8 +17,8 @@ import numpy as np
 from xctsam import __version__
 from xctsam.config import Params, SplitRecipe
 from xctsam.data.volumes import Volume, VolumeWriter, write_manifest, write_volume
-from xctsam.hashing import fingerprint
-from xctsam.progress import track
+from xctsam.util.hashing import fingerprint
+from xctsam.util.progress import track
 
 PHANTOM_STORE = "phantoms"
 SLAB = 16  # slices scanned per batch: large enough to amortise the projector, small in memory
@@ -42,7 +42,7 @@ def _is_current(path: Path, expected: str) -> bool:
 
 
 def _selected(params: Params, splits: Iterable[str] | None) -> dict[str, SplitRecipe]:
-    from xctsam.errors import ConfigError
+    from xctsam.util.errors import ConfigError
 
     chosen = dict(params.data.splits)
     if splits is None:

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from xctsam.config import TrainConfig
-from xctsam.errors import InputError
-from xctsam.hashing import fingerprint
 from xctsam.models.checkpoint import STATE_FORMAT
-from xctsam.torch_files import load_torch_file
+from xctsam.util.errors import InputError
+from xctsam.util.hashing import fingerprint
+from xctsam.util.torch_files import load_torch_file
 
 log = logging.getLogger(__name__)
 

@@ -30,15 +30,15 @@ from typing import Any, Literal
 from xctsam.config import Params
 from xctsam.data.datasets import SliceRef, sample_slices
 from xctsam.data.tiles import SegmentationTiles, volume_refs
-from xctsam.errors import ConfigError, InputError
 from xctsam.eval.holdout import (
     PARAMS_KEY,
     check_no_overlap,
     evaluation_volumes,
     finetune_volume_paths,
 )
-from xctsam.hashing import file_sha256
 from xctsam.train.loop import TrainResult, process_rank, train_segmenter, whole_slice_batches
+from xctsam.util.errors import ConfigError, InputError
+from xctsam.util.hashing import file_sha256
 
 Variant = Literal["sub", "full"]
 VARIANT_NAMES: dict[Variant, str] = {"sub": "SAM-FineReal-Sub", "full": "SAM-FineReal"}
@@ -92,8 +92,8 @@ def finetune_real(
     """Fine-tune SAM-GAN (`base`, a best.pt) on real slices into out_dir (best.pt, training.json)."""
     import mlflow
 
-    from xctsam import tracking
     from xctsam.models.factory import load_segmenter
+    from xctsam.util import tracking
 
     if variant not in VARIANT_NAMES:
         raise ValueError(f"unknown variant {variant!r} (known: {', '.join(VARIANT_NAMES)})")

@@ -47,18 +47,13 @@ import torch
 from rich.progress import TextColumn
 from torch import nn
 
-from xctsam import CLASS_NAMES, NUM_CLASSES, progress
-from xctsam.atomic import write_text_atomic
+from xctsam import CLASS_NAMES, NUM_CLASSES
 from xctsam.config import TrainConfig
 from xctsam.data.datasets import IntensityWindow, SliceRef, sample_slices
 from xctsam.data.tiles import ContextReader, read_context
-from xctsam.device import pick_device
 from xctsam.eval.metrics import ConfusionCounter, iou_dice, mean_defined
-from xctsam.finite import check_losses, check_weights
-from xctsam.interrupt import InterruptLatch
 from xctsam.models.base import Segmenter
 from xctsam.models.checkpoint import STATE_FORMAT, save_atomic, save_segmenter_checkpoint
-from xctsam.optim import adamw
 from xctsam.train.checkpoint import (
     capture_rng,
     load_training_state,
@@ -66,6 +61,12 @@ from xctsam.train.checkpoint import (
     seed_everything,
     training_fingerprint,
 )
+from xctsam.util import progress
+from xctsam.util.device import pick_device
+from xctsam.util.finite import check_losses, check_weights
+from xctsam.util.interrupt import InterruptLatch
+from xctsam.util.jsonfile import write_json
+from xctsam.util.optim import adamw
 
 log = logging.getLogger(__name__)
 
@@ -366,17 +367,6 @@ class Book:
 
 
 # ---------------------------------------------------------------- summary file
-def _json_ready(value: Any) -> Any:
-    """NaN/inf become null: JSON has no such numbers."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {key: _json_ready(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(item) for item in value]
-    return value
-
-
 def _history_from_json(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Undefined scores were written as null: back to NaN."""
     return [{key: math.nan if value is None else value for key, value in entry.items()} for entry in history]
@@ -396,7 +386,7 @@ def write_summary(out_dir: Path, book: Book, training_id: str, steps_per_second:
         "steps_per_second": steps_per_second,
         "history": book.history,
     }
-    write_text_atomic(out_dir / SUMMARY, json.dumps(_json_ready(summary), indent=2) + "\n")
+    write_json(out_dir / SUMMARY, summary)
 
 
 def finished_result(out_dir: Path, training_id: str) -> TrainResult | None:

@@ -60,7 +60,7 @@ def train_model(kind: ModelKind, params: Params, data_root: Path, out_dir: Path,
     """Train the `kind` model on params.train.<kind>.splits into out_dir (best.pt, training.json)."""
     import mlflow
 
-    from xctsam import tracking
+    from xctsam.util import tracking
 
     job = prepare_training(kind, params, data_root)
     with job.sampler, tracking.stage_run(f"train_{kind}", job.logged, tags={"model": kind, **job.meta.get("foundation", {})}):

@@ -18,9 +18,9 @@ from typing import Any
 from urllib.parse import urlsplit
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from xctsam.interrupt import Interrupted, signals_raise
 from xctsam.tune.results import open_study_storage, read_storage_url
 from xctsam.tune.study import TuneError, storage_label
+from xctsam.util.interrupt import Interrupted, signals_raise
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 

@@ -16,8 +16,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from xctsam import tracking
 from xctsam.tune.trials import retry_of
+from xctsam.util import tracking
 
 STUDY_TAG = "xctsam.tune.study"
 STORAGE_TAG = "xctsam.tune.storage"

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from xctsam.config import Params, SearchDimension, parse_params
-from xctsam.errors import ConfigError
 from xctsam.params_file import assign
+from xctsam.util.errors import ConfigError
 
 
 def _exists(tree: Mapping[str, Any], dotted: str) -> bool:

@@ -30,10 +30,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from xctsam import tracking
 from xctsam.config import Params, TuneConfig, load_params
-from xctsam.errors import XctsamError
-from xctsam.interrupt import STOPPED, Interrupted, signals_raise
+from xctsam.util import tracking
+from xctsam.util.errors import XctsamError
+from xctsam.util.interrupt import STOPPED, Interrupted, signals_raise
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ C extension does not load, and `import torchvision` then dies in `_meta_registra
 import torchvision, so they die too. When (and only when) that happens, this module defines the
 two op schemas torchvision registers fake kernels for (nms, qnms), gives nms a pure-torch CPU
 kernel, and imports torchvision again. Where the extension loads (a CUDA machine) it does
-nothing. Import it before anything that imports torchvision: `xctsam.compat.ensure_torchvision()`.
+nothing. Import it before anything that imports torchvision: `xctsam.util.compat.ensure_torchvision()`.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from xctsam.errors import InputError
+from xctsam.util.errors import InputError
 
 _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
 

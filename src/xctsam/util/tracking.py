@@ -2,20 +2,21 @@
 
 Store: SQLite at <project>/mlruns/mlflow.db with artifacts under <project>/mlruns/artifacts,
 both absolute, so runs made from DVC's temporary experiment copies land in the project's own
-store. MLFLOW_TRACKING_URI (a team server) overrides it. Metric keys follow DESIGN.md:
+store. MLFLOW_TRACKING_URI (a team server) overrides it. Metric keys follow README (MLflow):
 `iou.<split>.<class>`, `dice.<split>.<class>`, `miou.<split>`, `fid.<split>`, ...
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from xctsam.interrupt import STOPPED
+from xctsam.util.interrupt import STOPPED
 
 EXPERIMENT = os.environ.get("XCTSAM_EXPERIMENT", "xctsam")
 STORE_DIR = "mlruns"
@@ -222,6 +223,28 @@ def _set_parent_status(parent_id: str, status: str) -> None:
         client.update_run(parent_id, status="RUNNING")
     else:
         client.set_terminated(parent_id, status)
+
+
+def log_stage(
+    stage: str,
+    *,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    artifacts: Iterable[Path] = (),
+    artifact_path: str | None = None,
+) -> None:
+    """The MLflow run of a stage that logs once, when its results are written: its params and
+    tags, final `metrics` (undefined, NaN, ones left out: MLflow would plot them as gaps of 0) and
+    `artifacts` (files, under `artifact_path`)."""
+    import mlflow
+
+    with stage_run(stage, params=params, tags=tags):
+        defined = {key: float(value) for key, value in (metrics or {}).items() if not math.isnan(float(value))}
+        if defined:
+            mlflow.log_metrics(defined)
+        for path in artifacts:
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
 def end_status(error: BaseException | None) -> str:

@@ -3,7 +3,7 @@
 A non-finite loss poisons every weight at the next optimiser step, after which a loop would
 go on validating and could keep the NaN weights as its best epoch. Every training (segmenters,
 CycleGAN, pretraining) checks its step's losses here, so the message reads the same in all.
-(NaN in params is refused where params are read: xctsam.safe_yaml.)
+(NaN in params is refused where params are read: xctsam.util.safe_yaml.)
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from xctsam.errors import TrainingDiverged
+from xctsam.util.errors import TrainingDiverged
 
 
 def _terms(values: Mapping[str, float]) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from xctsam.errors import ConfigError, InputError
+from xctsam.util.errors import ConfigError, InputError
 
 MAX_ALIAS_NODES = 10_000  # values aliases may add in all; a hand-written params file needs a handful
 MERGE_TAG = "tag:yaml.org,2002:merge"  # `<<: *defaults`: a key whose values may be overridden
