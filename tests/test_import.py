@@ -19,7 +19,7 @@ import tifffile
 from PIL import Image
 
 from xctsam.cli import main
-from xctsam.data import importers
+from xctsam.data import importers, readers, samgan
 from xctsam.data.volumes import Volume, read_manifest
 
 SAMGAN_DATA = Path(__file__).resolve().parents[2] / "shared/data/sam-material-gan"
@@ -144,7 +144,7 @@ def test_samgan_round_trip_values_merge_order_and_slice_order(
                     sum(int(slices[i][c].sum()) for i in indices)
                     for c in ("material", "pore", "inclusion")
                 ]
-                assert list(volume.attrs[importers.MASK_COUNTS_ATTR]) == mask_counts
+                assert list(volume.attrs[samgan.MASK_COUNTS_ATTR]) == mask_counts
     manifest = read_manifest(train)
     assert manifest["split"] == "Tr-GAN"
     assert sorted(v["file"] for v in manifest["volumes"]) == ["gan_pair_1.h5", "gan_pair_2.h5"]
@@ -160,7 +160,7 @@ def test_samgan_merge_paints_material_then_pore_then_inclusion(tmp_path: Path) -
     for folder, row in masks.items():
         save_png(split / folder / "s_0.png", np.array([row], np.uint8) * 255)
 
-    (path,) = importers.import_samgan(tmp_path / "release", tmp_path / "data")
+    (path,) = samgan.import_samgan(tmp_path / "release", tmp_path / "data")
 
     assert path == tmp_path / "data" / "real" / "Te-2" / "s.h5"
     with Volume(path) as volume:
@@ -174,7 +174,7 @@ def test_samgan_keeps_16_bit_grey_values(tmp_path: Path) -> None:
     for folder in ("class_1", "class_2", "class_3"):
         save_png(split / folder / "s_0.png", np.zeros((1, 4), np.uint8))
 
-    (path,) = importers.import_samgan(tmp_path / "release", tmp_path / "data")
+    (path,) = samgan.import_samgan(tmp_path / "release", tmp_path / "data")
 
     with Volume(path) as volume:
         assert volume.image()[0].tolist() == [[0.0, 255.0, 256.0, 65535.0]]
@@ -190,7 +190,7 @@ def test_samgan_splits_keyword_imports_only_those(tmp_path: Path) -> None:
     source, root = tmp_path / "release", tmp_path / "data"
     make_release(source)
 
-    written = importers.import_samgan(source, root, splits=["test1"])
+    written = samgan.import_samgan(source, root, splits=["test1"])
 
     assert written == [root / "real" / "Te-1" / "part.h5"]
     assert not (root / "synthetic").exists()
@@ -201,7 +201,7 @@ def test_samgan_reimport_replaces_its_split_and_keeps_others(tmp_path: Path) -> 
     root = populated_root(tmp_path)
     make_release(source)
 
-    importers.import_samgan(source, root, splits=["test1"])
+    samgan.import_samgan(source, root, splits=["test1"])
 
     assert sorted(p.name for p in (root / "real" / "Te-1").iterdir()) == [
         "manifest.json",
@@ -283,7 +283,7 @@ def test_hdf5_nested_datasets_streamed_in_several_slabs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # One slice per slab, so the slab loop really runs more than once.
-    monkeypatch.setattr(importers, "_SLAB_BYTES", 1)
+    monkeypatch.setattr(readers, "SLAB_BYTES", 1)
     rng = np.random.default_rng(4)
     image = rng.normal(size=(4, *SLICE))  # float64 in the source, float32 in the store
     labels = rng.integers(0, 4, image.shape).astype(np.int16)
@@ -752,7 +752,7 @@ def test_real_samgan_test_split_fractions_match_readme(real_import: Path, split:
     (path,) = _split_dir(real_import, split).glob("*.h5")
     with Volume(path) as volume:
         voxels = float(np.prod(volume.shape))
-        mask_counts = np.array(volume.attrs[importers.MASK_COUNTS_ATTR], dtype=np.int64)
+        mask_counts = np.array(volume.attrs[samgan.MASK_COUNTS_ATTR], dtype=np.int64)
     # The README counts each mask on its own (they overlap): compare the pre-merge counts.
     assert_matches_readme(
         mask_counts / voxels, readme_fractions(SAMGAN_DATA / "README.md")[f"test{split[3:]}"], split

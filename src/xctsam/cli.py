@@ -94,10 +94,10 @@ def data_import(
     voxel_size_mm: Annotated[float | None, typer.Option(help="Voxel size to record, mm.")] = None,
 ) -> None:
     """Import real scans into the volume store (one HDF5 per scan, a manifest per split)."""
-    from xctsam.data import importers
+    from xctsam.data import importers, samgan
 
     if format == "samgan":
-        written = importers.import_samgan(source, root)
+        written = samgan.import_samgan(source, root)
     else:
         if split is None:
             raise typer.BadParameter("give --split (e.g. real/Te-1) for a single-volume import", param_hint="--split")
