@@ -72,7 +72,9 @@ def modules_run_by(words: tuple[str, ...], src: Path = SRC) -> set[str]:
     while pending:
         module = pending.pop()
         closed.add(module)
-        pending |= set(graph[module]) - closed
+        # importing xctsam.sim.physics runs xctsam/__init__.py and xctsam/sim/__init__.py first
+        parents = {module.rsplit(".", depth)[0] for depth in range(1, module.count(".") + 1)}
+        pending |= (set(graph[module]) | parents) - closed
     closed.discard("xctsam.cli")
     return closed
 
