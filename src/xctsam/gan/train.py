@@ -15,7 +15,8 @@ Files in `out_dir`:
   samples/           PNG grids, rows A / A->B / B, every `sample_every` steps.
 A first Ctrl-C (or SIGTERM) finishes the current step, saves the checkpoint and raises
 `Interrupted`; a second one stops at once, and a hard kill (SIGKILL, power cut) loses at most
-the steps since the last periodic checkpoint.
+the steps since the last periodic checkpoint. The training is a job of the resumable engine
+(util.resumable), which keeps checkpoint.pt at the end.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import logging
 import math
-import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,16 +57,11 @@ from xctsam.gan.cyclegan import (
 from xctsam.gan.synthesize import mean_iou, slab_structure_iou
 from xctsam.util.atomic import atomic_path
 from xctsam.util.device import pick_device
-from xctsam.util.errors import ConfigError, InputError
-from xctsam.util.finite import check_losses
+from xctsam.util.errors import ConfigError
 from xctsam.util.hashing import fingerprint
-from xctsam.util.interrupt import InterruptLatch
 from xctsam.util.jsonfile import write_json
 from xctsam.util.optim import adamw
-from xctsam.util.progress import track
-from xctsam.util.torch_files import load_torch_file
-
-log = logging.getLogger(__name__)
+from xctsam.util.resumable import Engine, Job, LossWindow, Outcome, StateFile
 
 CHECKPOINT = "checkpoint.pt"
 GENERATOR = "generator_a2b.pt"
@@ -210,7 +205,7 @@ class CycleGan:
         self.pool_b.load_state_dict(state["pools"]["b"], self.device)
 
 
-# ---------------------------------------------------------------- training state on disk
+# ---------------------------------------------------------------- the data of both domains
 @dataclass
 class Domains:
     """Each domain's slices, intensity window and tile sampler."""
@@ -239,43 +234,6 @@ def _domains(params: Params, data_root: Path, windows: dict[str, dict] | None) -
         window_a, window_b = IntensityWindow(**windows["a"]), IntensityWindow(**windows["b"])
     seed_a, seed_b = _seeds(params.seed)[:2]
     return Domains(refs_a, refs_b, window_a, window_b, TileSampler(refs_a, window_a, config.tile, seed_a), TileSampler(refs_b, window_b, config.tile, seed_b))
-
-
-def save_checkpoint(path: Path, gan: CycleGan, domains: Domains, step: int, training_id: str) -> None:
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "fingerprint": training_id,
-        "step": step,
-        **gan.state_dict(),
-        "samplers": {"a": domains.sampler_a.rng_state(), "b": domains.sampler_b.rng_state()},
-        "windows": {"a": domains.window_a.to_dict(), "b": domains.window_b.to_dict()},
-        "torch_rng": torch.get_rng_state(),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: Path, training_id: str) -> dict[str, Any] | None:
-    """The saved state if it belongs to this training (same params and data), else None."""
-    if not path.is_file():
-        return None
-    try:
-        state = load_torch_file(path, "training from scratch")
-    except InputError as exc:  # a torn file cannot exist (atomic writes), but a foreign one can
-        log.warning("%s", exc)
-        return None
-    if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != training_id:
-        log.warning("%s: checkpoint of other params or data; training from scratch", path)
-        return None
-    return state
-
-
-def _restore(gan: CycleGan, domains: Domains, state: dict[str, Any]) -> int:
-    gan.load_state_dict(state)
-    domains.sampler_a.set_rng_state(state["samplers"]["a"])
-    domains.sampler_b.set_rng_state(state["samplers"]["b"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["step"])
 
 
 # ---------------------------------------------------------------- samples and structure check
@@ -321,26 +279,7 @@ def save_grid(path: Path, grid: np.ndarray) -> None:
         Image.fromarray(grid).save(tmp, format="PNG")
 
 
-# ---------------------------------------------------------------- Ctrl-C between steps
-# ---------------------------------------------------------------- the loop
-class LossMeter:
-    """Means of each loss since the last report."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.count = 0
-
-    def add(self, losses: dict[str, float]) -> None:
-        for name, value in losses.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value
-        self.count += 1
-
-    def take(self) -> dict[str, float]:
-        means = {name: total / max(self.count, 1) for name, total in self.sums.items()}
-        self.sums, self.count = {}, 0
-        return means
-
-
+# ---------------------------------------------------------------- the job the engine runs
 def _result_from_files(out_dir: Path, resumed_from: int) -> GanResult:
     metrics = json.loads((out_dir / METRICS).read_text())
     iou = metrics.get("structure_iou")
@@ -362,35 +301,90 @@ def _batch(sampler: TileSampler, size: int, device: torch.device) -> torch.Tenso
     return to_net(sampler.batch(size)[0]).to(device)
 
 
-def _train_loop(gan: CycleGan, domains: Domains, monitor: Monitor, out_dir: Path, start: int, training_id: str) -> dict[str, float]:
-    """Steps start..steps with logging, samples and checkpoints; returns the last logged losses."""
-    import mlflow
+class GanJob(Job[GanResult]):
+    """The CycleGAN training as util.resumable's engine runs it; logs to the active MLflow run."""
 
-    config = gan.config
-    meter, last = LossMeter(), {}
-    translator = Translator(gan.g_ab, domains.window_a, domains.window_b)
-    checkpoint = out_dir / CHECKPOINT
-    with InterruptLatch().installed() as latch:
-        for step in track(range(start, config.steps), "gan train", total=config.steps - start):
-            lr = gan.lr
-            losses = gan.train_step(_batch(domains.sampler_a, config.batch, gan.device), _batch(domains.sampler_b, config.batch, gan.device))
-            done = step + 1
-            check_losses("gan", done, losses, "lower gan.lr or check both domains' data")
-            meter.add(losses)
-            if done % config.log_every == 0 or done == config.steps:
-                last = meter.take()
-                mlflow.log_metrics({**{f"gan.loss.{k}": v for k, v in last.items()}, "gan.lr": lr}, step=done)
-            if done % config.sample_every == 0 or done == config.steps:
-                grid_path = out_dir / SAMPLES / f"step_{done:06d}.png"
-                save_grid(grid_path, monitor.grid(translator))
-                mlflow.log_artifact(str(grid_path), artifact_path=SAMPLES)
-                if done < config.steps:  # the final value is measured once, after the loop
-                    mlflow.log_metric("gan.structure_iou", monitor.structure_iou(translator), step=done)
-            if done % config.checkpoint_every == 0 or done == config.steps or latch.requested:
-                save_checkpoint(checkpoint, gan, domains, done, training_id)
-            if latch.requested:
-                raise latch.interruption(f"at step {done}, {checkpoint} saved")
-    return last
+    name = "gan"
+    hint = "lower gan.lr or check both domains' data"
+    headline = "g_total"
+
+    def __init__(self, gan: CycleGan, domains: Domains, monitor: Monitor, out_dir: Path, training_id: str) -> None:
+        self.gan, self.domains, self.monitor = gan, domains, monitor
+        self.config = gan.config
+        self.steps = gan.config.steps
+        self.out_dir, self.training_id = out_dir, training_id
+        self.translator = Translator(gan.g_ab, domains.window_a, domains.window_b)  # the live generator, for samples
+        self.window = LossWindow()
+        self.logged: dict[str, float] = {}  # the last logged means: metrics.json's final losses
+        self.lr_used = math.nan  # by the last step: what its gan.lr report shows
+
+    def train_step(self, step: int) -> dict[str, float]:
+        config, device = self.config, self.gan.device
+        self.lr_used = self.gan.lr
+        losses = self.gan.train_step(_batch(self.domains.sampler_a, config.batch, device), _batch(self.domains.sampler_b, config.batch, device))
+        self.window.add(losses)
+        return losses
+
+    def log_window(self, done: int) -> None:
+        import mlflow
+
+        self.logged = self.window.take()
+        mlflow.log_metrics({**{f"gan.loss.{k}": v for k, v in self.logged.items()}, "gan.lr": self.lr_used}, step=done)
+
+    def after_step(self, done: int) -> None:
+        if done % self.config.sample_every == 0 or done == self.config.steps:
+            self.sample(done)
+
+    def sample(self, done: int) -> None:
+        """A sample grid, logged as an artifact, and the structure IoU then (the final one: `finish`)."""
+        import mlflow
+
+        grid_path = self.out_dir / SAMPLES / f"step_{done:06d}.png"
+        save_grid(grid_path, self.monitor.grid(self.translator))
+        mlflow.log_artifact(str(grid_path), artifact_path=SAMPLES)
+        if done < self.config.steps:
+            mlflow.log_metric("gan.structure_iou", self.monitor.structure_iou(self.translator), step=done)
+
+    def state_dict(self) -> dict[str, Any]:
+        domains = self.domains
+        return {
+            **self.gan.state_dict(),
+            "samplers": {"a": domains.sampler_a.rng_state(), "b": domains.sampler_b.rng_state()},
+            "windows": {"a": domains.window_a.to_dict(), "b": domains.window_b.to_dict()},
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """The windows came in earlier (`_domains`: the samplers are built on them)."""
+        self.gan.load_state_dict(state)
+        self.domains.sampler_a.set_rng_state(state["samplers"]["a"])
+        self.domains.sampler_b.set_rng_state(state["samplers"]["b"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def finish(self, outcome: Outcome) -> GanResult:
+        """The final generator (with both windows) and metrics.json, and their MLflow metrics."""
+        import mlflow
+
+        config, speed = self.config, outcome.steps_per_second
+        meta = {"fingerprint": self.training_id, "domain_a": config.domain_a, "domain_b": config.domain_b}
+        translator = Translator(self.gan.g_ab, self.domains.window_a, self.domains.window_b, config.steps, meta)
+        iou = self.monitor.structure_iou(translator)
+        metrics = {
+            "step": config.steps,
+            "resumed_from": outcome.start,
+            "seconds": outcome.seconds,
+            "steps_per_second": speed,
+            "structure_iou": iou,
+            "losses": self.logged,
+            "device": str(self.gan.device),
+            "threads": torch.get_num_threads(),
+        }
+        if speed is not None:
+            mlflow.log_metric("gan.steps_per_second", speed)
+        mlflow.log_metric("gan.structure_iou", iou, step=config.steps)
+        translator.save(self.out_dir / GENERATOR)
+        write_json(self.out_dir / METRICS, metrics)
+        return GanResult(self.out_dir / GENERATOR, config.steps, iou, speed, outcome.start, metrics, mlflow.active_run().info.run_id)
 
 
 def train_gan(params: Params, data_root: Path, out_dir: Path, *, resume: bool = True) -> GanResult:
@@ -405,40 +399,18 @@ def train_gan(params: Params, data_root: Path, out_dir: Path, *, resume: bool = 
     data_root, out_dir = Path(data_root), Path(out_dir)
     check_tile_fits_critic(config)
     training_id = training_fingerprint(params, data_root)
-    if resume and _finished(out_dir, training_id):
-        return _result_from_files(out_dir, config.steps)
-    state = load_checkpoint(out_dir / CHECKPOINT, training_id) if resume else None
+    state_file = StateFile(out_dir / CHECKPOINT, CHECKPOINT_FORMAT, training_id)
+    engine = Engine(state_file, config.checkpoint_every, config.log_every, resume=resume, keep_final_state=True, what="CycleGAN training")
+    finished = engine.finished(lambda: _result_from_files(out_dir, config.steps) if _finished(out_dir, training_id) else None, out_dir)
+    if finished is not None:
+        return finished
+    state = engine.load()
     domains = _domains(params, data_root, state["windows"] if state else None)
     torch.manual_seed(params.seed)
     gan = CycleGan(config, tuple(_seeds(params.seed)[2:]), pick_device())
-    start = _restore(gan, domains, state) if state else 0
-    if start:
-        log.info("resuming from step %d of %d (%s)", start, config.steps, out_dir / CHECKPOINT)
-    monitor = Monitor.build(domains, params.seed)
-
-    with stage_run("gan_train", params={"seed": params.seed, "gan": config.model_dump(mode="json")}, tags={"resumed_from_step": str(start)}) as run:
-        import mlflow
-
-        began = time.perf_counter()
-        losses = _train_loop(gan, domains, monitor, out_dir, start, training_id)
-        seconds = time.perf_counter() - began
-        trained = config.steps - start
-        steps_per_second = trained / seconds if trained else None
-        translator = Translator(gan.g_ab, domains.window_a, domains.window_b, config.steps, {"fingerprint": training_id, "domain_a": config.domain_a, "domain_b": config.domain_b})
-        iou = monitor.structure_iou(translator)
-        metrics = {
-            "step": config.steps,
-            "resumed_from": start,
-            "seconds": seconds,
-            "steps_per_second": steps_per_second,
-            "structure_iou": iou,
-            "losses": losses,
-            "device": str(gan.device),
-            "threads": torch.get_num_threads(),
-        }
-        if steps_per_second is not None:
-            mlflow.log_metric("gan.steps_per_second", steps_per_second)
-        mlflow.log_metric("gan.structure_iou", iou, step=config.steps)
-        translator.save(out_dir / GENERATOR)
-        write_json(out_dir / METRICS, metrics)
-    return GanResult(out_dir / GENERATOR, config.steps, iou, steps_per_second, start, metrics, run.info.run_id)
+    job = GanJob(gan, domains, Monitor.build(domains, params.seed), out_dir, training_id)
+    start = engine.restore(job, state)
+    with stage_run("gan_train", params={"seed": params.seed, "gan": config.model_dump(mode="json")}, tags={"resumed_from_step": str(start)}):
+        _, result = engine.run(job, start)
+    assert result is not None  # without stop_after a run ends completed, or raises
+    return result

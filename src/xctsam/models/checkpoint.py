@@ -18,7 +18,7 @@ from xctsam.util.errors import InputError, listed
 from xctsam.util.torch_files import load_torch_file
 
 SEGMENTER_FORMAT = "xctsam.segmenter/1"
-STATE_FORMAT = "xctsam.train.state/1"  # a resumable training state (xctsam.train.checkpoint), named in refusals
+STATE_FORMAT = "xctsam.train.state/1"  # a resumable training state (train.loop, pretrain.train), named in refusals
 NOT_OURS = "not a checkpoint written by xctsam train"
 SEGMENTER_REMEDY = "give a best.pt written by `xctsam train sam` or `xctsam train unet`"
 

@@ -6,7 +6,7 @@ them, then per image up to `prompts` objects prompted by a jittered box or a sin
 decoded with all four mask outputs and scored by pretrain.losses. AdamW, linear warm-up then
 cosine decay (the training loop's schedule), gradient clipping; autocast on CUDA only.
 
-Files:
+The pretraining is a job of the resumable engine (util.resumable). Files:
   <out>.pth           model.state_dict() of build_sam(small) itself: exactly the keys and shapes
                       of the architecture, no wrapper, like the official sam_vit_*.pth files, so
                       `sam.checkpoint` loads it through the same loader.
@@ -23,9 +23,9 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,36 +40,26 @@ from xctsam.pretrain.losses import promptable_loss
 from xctsam.pretrain.promptable import decode, embed_images, read_masks
 from xctsam.pretrain.prompts import mask_box, mask_point, sample_prompts
 from xctsam.pretrain.shapes import ShapeImage, make_image
-from xctsam.train.checkpoint import (
-    capture_rng,
-    load_training_state,
-    restore_rng,
-    seed_everything,
-)
-from xctsam.train.loop import (
-    Precision,
-    choose_precision,
-    deterministic_on_cpu,
-    lr_factor,
-    start_runtime,
-    step_progress,
-)
+from xctsam.train.checkpoint import capture_rng, restore_rng, seed_everything
+from xctsam.train.loop import lr_factor
+from xctsam.train.optimisation import Optimised, choose_precision
+from xctsam.train.runtime import deterministic_on_cpu, start_runtime
 from xctsam.util.errors import ConfigError
-from xctsam.util.finite import check_losses
 from xctsam.util.hashing import file_sha256, fingerprint
-from xctsam.util.interrupt import InterruptLatch
 from xctsam.util.jsonfile import write_json
 from xctsam.util.optim import adamw
+from xctsam.util.resumable import Engine, Job, LossWindow, Outcome, StateFile
 
 log = logging.getLogger(__name__)
 
 SIDECAR_FORMAT = "xctsam.sam_stand_in/1"
 TRAIN_STREAM, HELDOUT_STREAM, PROMPT_STREAM, HELDOUT_PROMPT_STREAM = 0, 1, 2, 3  # disjoint seed streams
 LOG_EVERY = 10
-LOSS_TERMS = ("loss", "mask", "iou")  # of step_loss: the total first, then its terms
 HELDOUT_BATCH = 8
 LOSS_SCALE = 2  # losses on masks at image_size / 2: a quarter of the cost, small objects still seen
 NOT_TRAINING_KEYS = {"checkpoint_every", "stand_ins"}  # change how often state is saved, or which files
+
+MetricsLogger = Callable[[dict[str, float], int], None]
 
 
 @dataclass(frozen=True)
@@ -161,13 +151,11 @@ def heldout_scores(sam: Sam, config: PretrainConfig, device: torch.device) -> di
     }
 
 
-# ---------------------------------------------------------------- state
-@dataclass
-class Trainer:
-    sam: Sam
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    precision: Precision
+# ---------------------------------------------------------------- the optimiser step
+class Trainer(Optimised):
+    """The SAM with its optimiser (the encoder at `encoder_lr_scale` of the LR), schedule and scaler."""
+
+    model: Sam
 
     @classmethod
     def create(cls, sam: Sam, config: PretrainConfig, device: torch.device) -> Trainer:
@@ -179,35 +167,15 @@ class Trainer:
         def factor(step: int) -> float:
             return lr_factor(step, config.steps, config.warmup_steps, "cosine")
 
-        return cls(sam, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), choose_precision(device))
+        return cls(sam, optimizer, factor, choose_precision(device), list(sam.parameters()), config.grad_clip)
 
     def step(self, config: PretrainConfig, step: int) -> dict[str, float]:
-        self.sam.train()
+        """Step `step` (0-based): its loss terms and the pre-clip gradient norm."""
+        self.model.train()
         with self.precision.autocast():
-            losses = step_loss(self.sam, config, step, self.precision.device)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.precision.scaler.scale(losses["loss"]).backward()
-        self.precision.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.sam.parameters(), config.grad_clip)
-        self.precision.scaler.step(self.optimizer)
-        self.precision.scaler.update()
-        self.scheduler.step()
-        return {**{key: float(value.detach()) for key, value in losses.items()}, "grad_norm": float(grad_norm)}
-
-    def state(self, training_id: str, step: int, seconds: float) -> dict[str, Any]:
-        return {
-            "format": STATE_FORMAT, "fingerprint": training_id, "step": step, "seconds": seconds, "rng": capture_rng(),
-            "model": self.sam.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.precision.scaler.state_dict(),
-        }
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.sam.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:
-            self.precision.scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"])
+            losses = step_loss(self.model, config, step, self.precision.device)
+        grad_norm = self.update(losses["loss"])
+        return {**{key: float(value.detach()) for key, value in losses.items()}, "grad_norm": grad_norm}
 
 
 # ---------------------------------------------------------------- outputs
@@ -234,7 +202,7 @@ def write_outputs(sam: Sam, checkpoint: Path, summary: dict[str, Any]) -> dict[s
 
 
 @contextmanager
-def _mlflow_run(params: Params, enabled: bool) -> Iterator[tuple[str | None, Callable[[dict[str, float], int], None]]]:
+def _mlflow_run(params: Params, enabled: bool) -> Iterator[tuple[str | None, MetricsLogger]]:
     """(run id, log_metrics) of the pretrain_sam stage run; no MLflow at all when disabled."""
     if not enabled:
         yield None, lambda metrics, step: None
@@ -246,6 +214,59 @@ def _mlflow_run(params: Params, enabled: bool) -> Iterator[tuple[str | None, Cal
     logged = {"pretrain": params.pretrain.model_dump(mode="json"), "sam": {"small": params.sam.small.model_dump(mode="json"), "image_size": params.sam.image_size}}
     with tracking.stage_run("pretrain_sam", logged, tags={"model": "sam_stand_in"}) as run:
         yield run.info.run_id, lambda metrics, step: mlflow.log_metrics(metrics, step=step)
+
+
+# ---------------------------------------------------------------- the job the engine runs
+@dataclass
+class PretrainJob(Job[dict[str, Any]]):
+    """The pretraining as util.resumable's engine runs it; its outputs are the .pth and sidecar."""
+
+    trainer: Trainer
+    config: PretrainConfig
+    sam_config: SamConfig
+    checkpoint: Path
+    training_id: str
+    run_id: str | None
+    log_metrics: MetricsLogger
+    name: str = "pretrain"
+    hint: str = "lower pretrain.lr or pretrain.encoder_lr_scale"
+    window: LossWindow = field(default_factory=LossWindow)
+    began: float = field(default_factory=time.perf_counter)  # a resumed run's clock carries its earlier seconds on
+
+    @property
+    def steps(self) -> int:
+        return self.config.steps
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.began
+
+    def train_step(self, step: int) -> dict[str, float]:
+        losses = self.trainer.step(self.config, step)
+        self.window.add(losses)
+        return losses
+
+    def log_window(self, done: int) -> None:
+        self.log_metrics({f"train.{key}": mean for key, mean in self.window.take().items()}, done)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "rng": capture_rng(), **self.trainer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.trainer.load_state_dict(state)
+        restore_rng(state["rng"])
+        self.began = time.perf_counter() - state["seconds"]
+
+    def finish(self, outcome: Outcome) -> dict[str, Any]:
+        """Held-out scores, then the .pth and its sidecar: the summary written."""
+        train_seconds = self.seconds
+        scores = heldout_scores(self.trainer.model, self.config, self.trainer.precision.device)
+        self.log_metrics({**scores, "train.seconds": train_seconds}, outcome.step)
+        architecture = {"small": self.sam_config.small.model_dump(mode="json"), "image_size": self.sam_config.image_size}
+        return write_outputs(self.trainer.model, self.checkpoint, {
+            "fingerprint": self.training_id, "steps": outcome.step, "train_seconds": round(train_seconds, 1),
+            "mlflow_run_id": self.run_id, "architecture": architecture, "heldout": scores,
+        })
 
 
 # ---------------------------------------------------------------- the stage
@@ -268,45 +289,17 @@ def pretrain_sam(
     checkpoint = Path(checkpoint)
     state_path = Path(state_path) if state_path is not None else checkpoint.with_suffix(".state.pt")
     training_id = pretrain_fingerprint(config, sam_config)
-    if resume and (done := finished(checkpoint, training_id)) is not None:
-        log.info("%s: pretraining already finished; nothing to do", checkpoint)
-        return PretrainResult(checkpoint, sidecar_path(checkpoint), done["steps"], True, done)
+    engine = Engine(StateFile(state_path, STATE_FORMAT, training_id), config.checkpoint_every, LOG_EVERY, resume=resume, what="pretraining")
+
+    def result(steps: int, completed: bool, summary: dict[str, Any]) -> PretrainResult:
+        return PretrainResult(checkpoint, sidecar_path(checkpoint), steps, completed, summary)
+
+    if (done := engine.finished(lambda: finished(checkpoint, training_id), checkpoint)) is not None:
+        return result(done["steps"], True, done)
     runtime = start_runtime(device)
     with deterministic_on_cpu(runtime.device), _mlflow_run(params, log_mlflow) as (run_id, log_metrics):
         seed_everything(config.seed)
         trainer = Trainer.create(build_sam(sam_config), config, runtime.device)
-        state = load_training_state(state_path, training_id) if resume else None
-        step, seconds = 0, 0.0
-        if state is not None:
-            trainer.restore(state)
-            step, seconds = state["step"], state["seconds"]
-            log.info("resuming pretraining from step %d of %d (%s)", step, config.steps, state_path)
-        window: list[dict[str, float]] = []
-        began = time.perf_counter() - seconds
-        with InterruptLatch().installed() as latch, step_progress(config.steps, step, True) as show:
-            while step < config.steps:
-                if stop_after is not None and step >= stop_after:
-                    save_atomic(trainer.state(training_id, step, time.perf_counter() - began), state_path)
-                    return PretrainResult(checkpoint, sidecar_path(checkpoint), step, False, {})
-                losses = trainer.step(config, step)
-                step += 1
-                check_losses("pretrain", step, {key: losses[key] for key in LOSS_TERMS}, "lower pretrain.lr or pretrain.encoder_lr_scale")
-                window.append(losses)
-                show(step, losses["loss"])
-                if step % LOG_EVERY == 0 or step == config.steps:
-                    log_metrics({f"train.{key}": float(np.mean([w[key] for w in window])) for key in window[0]}, step)
-                    window = []
-                if (step % config.checkpoint_every == 0 or latch.requested) and step < config.steps:
-                    save_atomic(trainer.state(training_id, step, time.perf_counter() - began), state_path)
-                if latch.requested:
-                    raise latch.interruption(f"at step {step}, {state_path} saved")
-        train_seconds = time.perf_counter() - began
-        scores = heldout_scores(trainer.sam, config, runtime.device)
-        log_metrics({**scores, "train.seconds": train_seconds}, step)
-        summary = write_outputs(trainer.sam, checkpoint, {
-            "fingerprint": training_id, "steps": step, "train_seconds": round(train_seconds, 1),
-            "mlflow_run_id": run_id, "architecture": {"small": sam_config.small.model_dump(mode="json"), "image_size": sam_config.image_size},
-            "heldout": scores,
-        })
-        state_path.unlink(missing_ok=True)  # the sidecar now marks the pretraining as done
-    return PretrainResult(checkpoint, sidecar_path(checkpoint), step, True, summary)
+        job = PretrainJob(trainer, config, sam_config, checkpoint, training_id, run_id, log_metrics)
+        outcome, summary = engine.run(job, engine.restore(job, engine.load()), stop_after)
+    return result(outcome.step, outcome.completed, summary or {})

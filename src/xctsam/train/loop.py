@@ -2,14 +2,15 @@
 
 Per step: a batch of tiles from the sampler, loss = model.loss + model.auxiliary_loss, AdamW
 over the trainable parameters, gradient-norm clipping, LR linear warm-up then cosine (or poly
-0.9) decay to 0 at `steps`. On CUDA the forward runs under autocast (bf16 where supported, else
-fp16 with a GradScaler); elsewhere in float32, seeded and with deterministic algorithms.
+0.9) decay to 0 at `steps`. On CUDA the forward runs under autocast (train.optimisation);
+elsewhere in float32, seeded and with deterministic algorithms.
 
 Every `epoch_steps` steps (and at the last step) the model segments whole validation slices;
 their pooled confusion counts give the validation mIoU (mean over defined classes). The best
 epoch's weights are kept, and training stops early after `patience` epochs without gain.
 
-Files in `out_dir` (all written atomically):
+The training is a job of the resumable engine (util.resumable: fingerprint, finished-run
+shortcut, restore, checkpoints, Ctrl-C). Files in `out_dir` (all written atomically):
   last.pt         the whole training state every `checkpoint_every` steps and on Ctrl-C; a
                   killed run started again continues from it and ends with the same weights
                   and history as one never interrupted (bitwise on the CPU with the same
@@ -20,12 +21,8 @@ Files in `out_dir` (all written atomically):
 A first Ctrl-C finishes the current step, saves last.pt and stops; a second stops at once (the
 last periodic checkpoint remains).
 
-Several GPUs: launch under torchrun, e.g.
-    torchrun --standalone --nproc_per_node=4 --no-python xctsam train sam
-Each process trains on its own tiles (the caller seeds its sampler with `seed + process_rank()`),
-gradients are averaged by DistributedDataParallel (effective batch: batch x processes), and
-only rank 0 validates, logs and writes files. Without torchrun nothing of torch.distributed is
-touched.
+Several GPUs: under torchrun (train.runtime) each process trains on its own tiles, gradients
+are averaged by DistributedDataParallel, and only rank 0 validates, logs and writes files.
 """
 
 from __future__ import annotations
@@ -34,18 +31,13 @@ import functools
 import json
 import logging
 import math
-import os
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from rich.progress import TextColumn
-from torch import nn
 
 from xctsam import CLASS_NAMES, NUM_CLASSES
 from xctsam.config import TrainConfig
@@ -53,20 +45,17 @@ from xctsam.data.datasets import IntensityWindow, SliceRef, sample_slices
 from xctsam.data.tiles import ContextReader, read_context
 from xctsam.eval.metrics import ConfusionCounter, iou_dice, mean_defined
 from xctsam.models.base import Segmenter
-from xctsam.models.checkpoint import STATE_FORMAT, save_atomic, save_segmenter_checkpoint
-from xctsam.train.checkpoint import (
-    capture_rng,
-    load_training_state,
-    restore_rng,
-    seed_everything,
-    training_fingerprint,
+from xctsam.models.checkpoint import STATE_FORMAT, save_segmenter_checkpoint
+from xctsam.train.checkpoint import capture_rng, restore_rng, seed_everything, training_fingerprint
+from xctsam.train.optimisation import Optimised, Precision, choose_precision
+from xctsam.train.runtime import Runtime, deterministic_on_cpu, start_runtime
+from xctsam.train.runtime import (
+    process_rank as process_rank,  # re-exported: callers seed samplers by rank
 )
-from xctsam.util import progress
-from xctsam.util.device import pick_device
-from xctsam.util.finite import check_losses, check_weights
-from xctsam.util.interrupt import InterruptLatch
+from xctsam.util.finite import check_weights
 from xctsam.util.jsonfile import write_json
 from xctsam.util.optim import adamw
+from xctsam.util.resumable import Engine, Job, LossWindow, Outcome, StateFile
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +63,7 @@ LAST = "last.pt"
 BEST = "best.pt"
 SUMMARY = "training.json"
 LOG_EVERY = 10  # steps between train.* metric reports (means over those steps)
-LOSS_TERMS = ("loss", "task_loss", "aux_loss")  # of Trainer.step: the total first, then its terms
+WINDOWED = ("loss", "aux_loss", "grad_norm")  # of Trainer.step: what the train.* reports average
 POLY_POWER = 0.9
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -119,132 +108,21 @@ def lr_factor(step: int, steps: int, warmup_steps: int, schedule: str) -> float:
     raise ValueError(f"unknown LR schedule {schedule!r} (cosine or poly)")
 
 
-# ---------------------------------------------------------------- one process or several
-@dataclass
-class Runtime:
-    """The single-process run: every collective is the identity."""
-
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        return model
-
-    def gather(self, value: Any) -> list[Any]:
-        return [value]
-
-    def broadcast(self, value: Any) -> Any:
-        return value
-
-    def any(self, flag: bool) -> bool:
-        return flag
-
-    def close(self) -> None:
-        pass
-
-
-class DistributedRuntime(Runtime):
-    """torchrun's processes: NCCL with one GPU each when there are enough GPUs, else gloo on CPUs."""
-
-    def __init__(self) -> None:
-        import torch.distributed as dist
-
-        self._dist = dist
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-        use_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= local_size
-        if use_gpus:
-            torch.cuda.set_device(local_rank)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if use_gpus else "gloo")
-        device = torch.device("cuda", local_rank) if use_gpus else torch.device("cpu")
-        super().__init__(device, dist.get_rank(), dist.get_world_size())
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        from torch.nn.parallel import DistributedDataParallel
-
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        # top-k mixtures of experts leave unchosen experts without gradients in a step
-        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
-
-    def gather(self, value: Any) -> list[Any]:
-        values: list[Any] = [None] * self.world_size
-        self._dist.all_gather_object(values, value)
-        return values
-
-    def broadcast(self, value: Any) -> Any:
-        box = [value]
-        self._dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def any(self, flag: bool) -> bool:
-        tensor = torch.tensor([int(flag)], device=self.device)
-        self._dist.all_reduce(tensor, op=self._dist.ReduceOp.MAX)
-        return bool(tensor.item())
-
-    def close(self) -> None:
-        if self._dist.is_initialized():
-            self._dist.destroy_process_group()
-
-
-def process_rank() -> int:
-    """This process's rank under torchrun (0 otherwise); seed per-process samplers with seed + rank."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def start_runtime(device: torch.device | str | None = None) -> Runtime:
-    """Distributed under torchrun with more than one process, else the plain single process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return DistributedRuntime()
-    return Runtime(torch.device(device) if device is not None else pick_device())
-
-
-# ---------------------------------------------------------------- precision
-@dataclass
-class Precision:
-    """Autocast dtype (None: float32) and the gradient scaler fp16 needs."""
-
-    device: torch.device
-    dtype: torch.dtype | None
-    scaler: torch.amp.GradScaler
-
-    def autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
-
-
-def choose_precision(device: torch.device) -> Precision:
-    if device.type != "cuda":
-        return Precision(device, None, torch.amp.GradScaler(device.type, enabled=False))
-    if torch.cuda.is_bf16_supported():  # bf16 has float32's range: no loss scaling needed
-        return Precision(device, torch.bfloat16, torch.amp.GradScaler("cuda", enabled=False))
-    return Precision(device, torch.float16, torch.amp.GradScaler("cuda", enabled=True))
-
-
 # ---------------------------------------------------------------- the optimiser step
-class Trainer:
+class Trainer(Optimised):
     """Model, optimiser, schedule and scaler, and one training step."""
 
     def __init__(self, model: Segmenter, config: TrainConfig, runtime: Runtime) -> None:
-        self.model = model.to(runtime.device)
-        self.net = runtime.wrap(self.model)  # what the forward runs through (DDP or the model)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        model = model.to(runtime.device)
+        self.net = runtime.wrap(model)  # what the forward runs through (DDP or the model)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError("the model has no trainable parameters")
         self.config = config
         self.device = runtime.device
-        self.optimizer = adamw(self.trainable, config.lr, config.weight_decay)
         factor = functools.partial(lr_factor, steps=config.steps, warmup_steps=config.warmup_steps, schedule=config.schedule)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-        self.precision = choose_precision(runtime.device)
-
-    @property
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
+        optimizer = adamw(self.trainable, config.lr, config.weight_decay)
+        super().__init__(model, optimizer, factor, choose_precision(runtime.device), self.trainable, config.grad_clip)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """One optimiser step; returns the loss, its task and auxiliary terms, LR used and pre-clip gradient norm."""
@@ -255,30 +133,8 @@ class Trainer:
             auxiliary = self.model.auxiliary_loss()
             task = self.model.loss(outputs, labels)
             loss = task + auxiliary
-        self.optimizer.zero_grad(set_to_none=True)
-        scaler = self.precision.scaler
-        scaler.scale(loss).backward()
-        scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip)
-        scaler.step(self.optimizer)
-        scaler.update()
-        self.scheduler.step()
-        return {"loss": loss.item(), "task_loss": float(task.detach().float()), "aux_loss": float(auxiliary.detach().float()), "lr": lr, "grad_norm": grad_norm.item()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.precision.scaler.state_dict(),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:  # empty when saved by a run without loss scaling
-            self.precision.scaler.load_state_dict(state["scaler"])
+        grad_norm = self.update(loss)
+        return {"loss": loss.item(), "task_loss": float(task.detach().float()), "aux_loss": float(auxiliary.detach().float()), "lr": lr, "grad_norm": grad_norm}
 
 
 def as_tensor(array: ArrayLike, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -336,18 +192,14 @@ class Book:
     stopped_early: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
     epoch_loss: list[float] = field(default_factory=lambda: [0.0, 0.0])  # sum, count since the epoch began
-    window: dict[str, float] = field(default_factory=dict)  # train.* sums since the last report, and "count"
+    window: dict[str, float] = field(default_factory=dict)  # LossWindow sums of WINDOWED since the last report
 
     def add(self, losses: Mapping[str, float]) -> None:
         self.epoch_loss = [self.epoch_loss[0] + losses["loss"], self.epoch_loss[1] + 1]
-        for name in ("loss", "aux_loss", "grad_norm"):
-            self.window[name] = self.window.get(name, 0.0) + losses[name]
-        self.window["count"] = self.window.get("count", 0.0) + 1
+        LossWindow(self.window).add({name: losses[name] for name in WINDOWED})
 
     def take_window(self, lr: float) -> dict[str, float]:
-        count = max(self.window.pop("count", 1.0), 1.0)
-        means = {f"train.{name}": total / count for name, total in self.window.items()}
-        self.window = {}
+        means = {f"train.{name}": mean for name, mean in LossWindow(self.window).take().items()}
         return {**means, "train.lr": lr}
 
     def end_epoch(self, scores: Mapping[str, float], lr: float, patience: int) -> bool:
@@ -405,54 +257,10 @@ def finished_result(out_dir: Path, training_id: str) -> TrainResult | None:
     return TrainResult(summary["steps"], math.nan if best is None else best, summary["best_step"], summary["stopped_early"], None, out_dir / BEST, history, True, summary["steps"])
 
 
-# ---------------------------------------------------------------- training state on disk
-def save_state(path: Path, trainer: Trainer, book: Book, sampler: TileSource, runtime: Runtime, training_id: str) -> None:
-    """Collective: every rank hands over its sampler and random streams, rank 0 writes."""
-    samplers = runtime.gather(sampler.rng_state())
-    streams = runtime.gather(capture_rng())
-    if not runtime.is_main:
-        return
-    state = {"format": STATE_FORMAT, "fingerprint": training_id, "step": book.step, "book": asdict(book), "samplers": samplers, "rng": streams, **trainer.state_dict()}
-    save_atomic(state, path)
-
-
-def restore_state(state: Mapping[str, Any], trainer: Trainer, sampler: TileSource, runtime: Runtime) -> Book:
-    trainer.load_state_dict(state)
-    sampler.set_rng_state(state["samplers"][runtime.rank])
-    restore_rng(state["rng"][runtime.rank])
-    return Book(**state["book"])
-
-
-# ---------------------------------------------------------------- progress bar with the loss
-@contextmanager
-def step_progress(total: int, start: int, enabled: bool) -> Iterator[Callable[[int, float], None]]:
-    """update(done, loss) callback of a rich bar; silent when disabled or XCTSAM_NO_PROGRESS=1."""
-    if not (enabled and progress.enabled()):
-        yield lambda done, loss: None
-        return
-    with progress.progress_bar(TextColumn("loss {task.fields[loss]}")) as bar:
-        task = bar.add_task("train", total=total, completed=start, loss="-")
-        yield lambda done, loss: bar.update(task, completed=done, loss=f"{loss:.4f}")
-
-
-@contextmanager
-def deterministic_on_cpu(device: torch.device) -> Iterator[None]:
-    """Deterministic kernels on the CPU (where they cost nothing), the previous setting restored after."""
-    if device.type != "cpu":
-        yield
-        return
-    previous, previous_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
-
-
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- the job the engine runs
 @dataclass
-class Run:
-    """What the loop works with, in one place."""
+class SegmentationJob(Job[None]):
+    """The Segmenter's training as util.resumable's engine runs it; its state is last.pt's."""
 
     trainer: Trainer
     sampler: TileSource
@@ -463,87 +271,94 @@ class Run:
     training_id: str
     model_meta: Mapping[str, Any]
     log_metrics: MetricsLogger
-    log_every: int
     on_epoch: EpochHook | None = None
-    params_key: str = "train"  # the params section of `config` (train.sam, finetune), named by errors
+    name: str = "train"  # the params section of `config` (train.sam, finetune), named by errors
+    book: Book = field(default_factory=Book)
+    lr_used: float = math.nan  # by the last step: what its train.* report shows
+
+    @property
+    def steps(self) -> int:
+        return self.config.steps
 
     @property
     def hint(self) -> str:
-        return f"lower {self.params_key}.lr or check the input data"
+        return f"lower {self.name}.lr or check the input data"
 
     def report(self, metrics: dict[str, float], step: int) -> None:
         if self.runtime.is_main:
             self.log_metrics(metrics, step)
 
-    def end_epoch(self, book: Book) -> Book:
+    def train_step(self, step: int) -> dict[str, float]:
+        images, labels = to_device(*self.sampler.batch(self.config.batch), self.trainer.device)
+        losses = self.trainer.step(images, labels)
+        self.book.step, self.lr_used = step + 1, losses["lr"]
+        self.book.add(losses)
+        return losses
+
+    def log_window(self, done: int) -> None:
+        self.report(self.book.take_window(self.lr_used), done)
+
+    def after_step(self, done: int) -> None:
+        if done % self.config.epoch_steps == 0 or done == self.config.steps:
+            self.end_epoch()
+
+    def stopped(self) -> bool:
+        return self.book.stopped_early
+
+    def end_epoch(self) -> None:
         """Rank 0 validates, keeps the best weights and decides on stopping; every rank learns it."""
+        book = self.book
         if self.runtime.is_main:
             scores = validation_scores(self.trainer.model, self.validation, self.trainer.precision)
             if book.end_epoch(scores, self.trainer.lr, self.config.patience):
-                self.save_best(book)
+                self.save_best()
             self.report({**scores, "epoch": float(len(book.history))}, book.step)
             log.info("step %d: val.miou %.4f (best %.4f at step %s)", book.step, scores["val.miou"], _best_miou(book), book.best_step)
             if self.on_epoch is not None:  # e.g. a hyperparameter search reporting to its pruner
                 self.on_epoch(dict(scores), book.step)
-        return self.runtime.broadcast(book)
+        self.book = self.runtime.broadcast(book)
 
-    def save_best(self, book: Book) -> None:
+    def save_best(self) -> None:
         # an update can overflow the weights while its loss was finite: such weights are no model
-        check_weights(self.params_key, book.step, self.trainer.model, self.hint)
-        save_segmenter_checkpoint(self.out_dir / BEST, self.trainer.model, self.model_meta, self.best_facts(book))
+        book = self.book
+        check_weights(self.name, book.step, self.trainer.model, self.hint)
+        facts = {"step": book.step, "val_miou": _best_miou(book), "fingerprint": self.training_id}
+        save_segmenter_checkpoint(self.out_dir / BEST, self.trainer.model, self.model_meta, facts)
 
-    def best_facts(self, book: Book) -> dict[str, Any]:
-        return {"step": book.step, "val_miou": _best_miou(book), "fingerprint": self.training_id}
+    def state_dict(self) -> dict[str, Any] | None:
+        """Collective: every rank hands over its sampler and random streams, rank 0 gets the state."""
+        samplers = self.runtime.gather(self.sampler.rng_state())
+        streams = self.runtime.gather(capture_rng())
+        if not self.runtime.is_main:
+            return None
+        return {"book": asdict(self.book), "samplers": samplers, "rng": streams, **self.trainer.state_dict()}
 
-    def step(self, book: Book) -> float:
-        images, labels = to_device(*self.sampler.batch(self.config.batch), self.trainer.device)
-        losses = self.trainer.step(images, labels)
-        book.step += 1
-        check_losses(self.params_key, book.step, {name: losses[name] for name in LOSS_TERMS}, self.hint)
-        book.add(losses)
-        if book.step % self.log_every == 0 or book.step == self.config.steps:
-            self.report(book.take_window(losses["lr"]), book.step)
-        return losses["loss"]
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.trainer.load_state_dict(state)
+        self.sampler.set_rng_state(state["samplers"][self.runtime.rank])
+        restore_rng(state["rng"][self.runtime.rank])
+        self.book = Book(**state["book"])
 
-    def train(self, book: Book, stop_after: int | None) -> tuple[Book, bool]:
-        """Steps until the end, early stopping or `stop_after`; returns (book, completed)."""
-        config = self.config
-        with InterruptLatch().installed() as latch, step_progress(config.steps, book.step, self.runtime.is_main) as show:
-            while book.step < config.steps and not book.stopped_early:
-                if stop_after is not None and book.step >= stop_after:
-                    return book, False
-                show(book.step + 1, self.step(book))
-                if book.step % config.epoch_steps == 0 or book.step == config.steps:
-                    book = self.end_epoch(book)
-                interrupted = self.runtime.any(latch.requested)
-                pausing = stop_after is not None and book.step >= stop_after
-                finishing = book.step == config.steps or book.stopped_early
-                if (book.step % config.checkpoint_every == 0 or interrupted or pausing) and not finishing:
-                    save_state(self.out_dir / LAST, self.trainer, book, self.sampler, self.runtime, self.training_id)
-                if interrupted:
-                    raise latch.interruption(f"at step {book.step}, {self.out_dir / LAST} saved")
-        return book, True
-
-    def finish(self, book: Book, steps_per_second: float | None) -> None:
+    def finish(self, outcome: Outcome) -> None:
+        if outcome.steps_per_second is not None:
+            self.report({"train.steps_per_second": outcome.steps_per_second}, self.book.step)
         if not self.runtime.is_main:
             return
-        if book.best_step is None:  # no epoch had a defined mIoU: the final weights are the answer
-            self.save_best(book)
-        write_summary(self.out_dir, book, self.training_id, steps_per_second)
-        (self.out_dir / LAST).unlink(missing_ok=True)  # the summary now marks the training as done
+        if self.book.best_step is None:  # no epoch had a defined mIoU: the final weights are the answer
+            self.save_best()
+        write_summary(self.out_dir, self.book, self.training_id, outcome.steps_per_second)
+
+    def result(self, outcome: Outcome) -> TrainResult:
+        book = self.book
+        return TrainResult(book.step, _best_miou(book), book.best_step, book.stopped_early, outcome.steps_per_second, self.out_dir / BEST, book.history, outcome.completed, outcome.start)
 
 
-def _start(run: Run, resume: bool, seed: int) -> Book:
-    """Resume from last.pt of this training, or start fresh (clearing another training's files)."""
-    state = load_training_state(run.out_dir / LAST, run.training_id) if resume else None
-    if state is not None:
-        log.info("resuming from step %d of %d (%s)", state["step"], run.config.steps, run.out_dir / LAST)
-        return restore_state(state, run.trainer, run.sampler, run.runtime)
-    if run.runtime.is_main:
+def _start_fresh(out_dir: Path, runtime: Runtime, seed: int) -> None:
+    """No state of this training: another training's files go, and every random stream is seeded."""
+    if runtime.is_main:
         for name in (LAST, BEST, SUMMARY):
-            (run.out_dir / name).unlink(missing_ok=True)
-    seed_everything(seed + run.runtime.rank)
-    return Book()
+            (out_dir / name).unlink(missing_ok=True)
+    seed_everything(seed + runtime.rank)
 
 
 def train_segmenter(
@@ -584,21 +399,17 @@ def train_segmenter(
     runtime = runtime or start_runtime(device)
     try:
         training_id = training_fingerprint(config, model_meta, seed, runtime.world_size)
-        if resume and (done := finished_result(out_dir, training_id)) is not None:
-            log.info("%s: training already finished (%d steps); nothing to do", out_dir, done.steps)
+        engine = Engine(StateFile(out_dir / LAST, STATE_FORMAT, training_id), config.checkpoint_every, log_every, resume=resume, group=runtime)
+        if (done := engine.finished(lambda: finished_result(out_dir, training_id), out_dir)) is not None:
             return done
-        run = Run(Trainer(model, config, runtime), sampler, val_batches, config, runtime, out_dir, training_id, dict(model_meta), log_metrics or (lambda metrics, step: None), log_every, on_epoch, params_key)
+        trainer = Trainer(model, config, runtime)
+        job = SegmentationJob(trainer, sampler, val_batches, config, runtime, out_dir, training_id, dict(model_meta), log_metrics or (lambda metrics, step: None), on_epoch, params_key)
+        state = engine.load()
+        if state is None:
+            _start_fresh(out_dir, runtime, seed)
         with deterministic_on_cpu(runtime.device):
-            book = _start(run, resume, seed)
-            began, start = time.perf_counter(), book.step
-            book, completed = run.train(book, stop_after)
-            trained = book.step - start
-            steps_per_second = trained / (time.perf_counter() - began) if trained else None
-        if completed:
-            if steps_per_second is not None:
-                run.report({"train.steps_per_second": steps_per_second}, book.step)
-            run.finish(book, steps_per_second)
-        return TrainResult(book.step, _best_miou(book), book.best_step, book.stopped_early, steps_per_second, out_dir / BEST, book.history, completed, start)
+            outcome, _ = engine.run(job, engine.restore(job, state), stop_after)
+        return job.result(outcome)
     finally:
         if own_runtime:
             runtime.close()
