@@ -20,7 +20,7 @@ import torch
 
 
 def main() -> None:
-    from xctsam.config import load_params
+    from xctsam.config.params import load_params
     from xctsam.data.datasets import IntensityWindow
     from xctsam.data.volumes import Volume, write_volume
     from xctsam.eval.predict import predict_volume

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from xctsam.config import load_params
+from xctsam.config.params import load_params
 from xctsam.models.sam_builder import build_sam
 from xctsam.pretrain.train import stand_in_config
 from xctsam.util.optim import adamw

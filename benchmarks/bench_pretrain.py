@@ -30,7 +30,7 @@ from xctsam import CLASS_NAMES
 def bench_pretrain(args: argparse.Namespace) -> None:
     import torch
 
-    from xctsam.config import load_params
+    from xctsam.config.params import load_params
     from xctsam.models.sam_builder import build_sam
     from xctsam.pretrain.train import heldout_scores, pretrain_sam, stand_in_config
 
@@ -61,7 +61,7 @@ def _train_and_score(params, root: Path, out: Path) -> dict:
 
 
 def bench_compare(args: argparse.Namespace) -> None:
-    from xctsam.config import load_params
+    from xctsam.config.params import load_params
 
     params = load_params(args.params)
     steps = args.steps if args.steps is not None else params.train.sam.steps

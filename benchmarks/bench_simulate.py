@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from skimage.transform import iradon, radon
 
-from xctsam.config import Scanner
+from xctsam.config.data import Scanner
 from xctsam.sim.physics import XctScanner
 from xctsam.sim.projector import ParallelBeamProjector, inscribed_circle
 

@@ -19,7 +19,7 @@ import time
 def _run(variant: str, full: bool, batch: int, image_size: int, tile: int, steps: int, warmup: int, queue: mp.Queue) -> None:
     import torch
 
-    from xctsam.config import SamConfig
+    from xctsam.config.sam import SamConfig
     from xctsam.models.base import trainable_parameters
     from xctsam.models.sam_peft import PeftSam
 

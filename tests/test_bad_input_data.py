@@ -131,7 +131,7 @@ class TinyModel(NamedTuple):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     """An untrained 2.5D U-Net checkpoint (context 1, a few filters) and params predicting with it fast."""
-    from xctsam.config import load_params
+    from xctsam.config.params import load_params
     from xctsam.data.datasets import IntensityWindow
     from xctsam.models.checkpoint import save_segmenter_checkpoint
     from xctsam.models.factory import build_segmenter, model_meta

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from xctsam.cli import main
-from xctsam.config import parse_params
+from xctsam.config.params import parse_params
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.volumes import write_volume
 from xctsam.models.checkpoint import SEGMENTER_FORMAT, save_segmenter_checkpoint

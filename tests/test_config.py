@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from xctsam.config import load_params, parse_params
+from xctsam.config.params import load_params, parse_params
 from xctsam.util.errors import ConfigError, InputError
 
 from .conftest import REPO, write_params

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from xctsam.config import ConvLoraConfig, SamConfig, SmallSamConfig
+from xctsam.config.sam import ConvLoraConfig, SamConfig, SmallSamConfig
 from xctsam.models.conv_lora import (
     ConvExpertMixture,
     ConvLoRAQKV,

@@ -12,7 +12,8 @@ from sklearn.metrics import f1_score, jaccard_score
 
 from tests.test_predict import QuantiseModel, quantise
 from xctsam import CLASS_NAMES
-from xctsam.config import PredictConfig, parse_params
+from xctsam.config.eval import PredictConfig
+from xctsam.config.params import parse_params
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.volumes import write_volume
 from xctsam.eval.evaluate import evaluate_model, evaluate_models, mlflow_metrics

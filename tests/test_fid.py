@@ -17,7 +17,8 @@ import torch
 from scipy import ndimage
 
 from xctsam.cli import main
-from xctsam.config import SamConfig, parse_params
+from xctsam.config.params import parse_params
+from xctsam.config.sam import SamConfig
 from xctsam.data.volumes import write_volume
 from xctsam.eval import fid_backbones
 from xctsam.eval.fid import compute_fid, extract_features, frechet_distance

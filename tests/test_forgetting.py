@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xctsam.config import Params, parse_params
+from xctsam.config.params import Params, parse_params
 from xctsam.data.datasets import SliceRef
 from xctsam.data.volumes import write_volume
 from xctsam.eval.forgetting import evaluate_forgetting, forgetting_deltas

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from xctsam.config import Params, parse_params
+from xctsam.config.params import Params, parse_params
 from xctsam.data.datasets import TileSampler
 from xctsam.data.volumes import Volume, read_manifest, write_volume
 from xctsam.gan.cyclegan import ImagePool, PatchDiscriminator, ResnetGenerator, Translator

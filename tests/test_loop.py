@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xctsam.config import TrainConfig
+from xctsam.config.train import TrainConfig
 from xctsam.data.datasets import IntensityWindow, SliceRef
 from xctsam.data.volumes import write_volume
 from xctsam.models.base import Segmenter

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from xctsam.cli import main
-from xctsam.config import load_params
+from xctsam.config.params import load_params
 
 from .conftest import REPO
 

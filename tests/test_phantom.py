@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from xctsam.config import DefectRecipe, PhantomGeometry
+from xctsam.config.data import DefectRecipe, PhantomGeometry
 from xctsam.sim import phantom
 from xctsam.sim.phantom import (
     defect_fractions,

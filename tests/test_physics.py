@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage.transform import iradon, radon
 
-from xctsam.config import Filtration, IdealRender, Scanner
+from xctsam.config.data import Filtration, IdealRender, Scanner
 from xctsam.sim.materials import linear_attenuation
 from xctsam.sim.physics import (
     Spectrum,
@@ -214,7 +214,7 @@ def test_render_ideal_refuses_unknown_labels() -> None:
 def test_params_name_exactly_the_materials_the_simulator_knows() -> None:
     from typing import get_args
 
-    from xctsam.config import MaterialName
+    from xctsam.config.data import MaterialName
     from xctsam.sim.materials import MATERIALS
 
     assert set(get_args(MaterialName)) == set(MATERIALS)

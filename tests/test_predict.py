@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xctsam.config import PredictConfig
+from xctsam.config.eval import PredictConfig
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.volumes import Volume, write_volume
 from xctsam.eval.predict import (

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from xctsam.cli import main
-from xctsam.config import parse_params
+from xctsam.config.params import parse_params
 from xctsam.data.volumes import write_volume
 from xctsam.models.foundation import describe_foundation
 from xctsam.models.sam_builder import build_sam, load_sam_checkpoint

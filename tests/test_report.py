@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xctsam.config import Params, parse_params
+from xctsam.config.params import Params, parse_params
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.volumes import write_volume
 from xctsam.models.checkpoint import save_segmenter_checkpoint

@@ -11,7 +11,7 @@ from PIL import Image
 
 from tests.test_predict import QuantiseModel
 from xctsam import CLASS_NAMES
-from xctsam.config import parse_params
+from xctsam.config.params import parse_params
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.volumes import write_volume
 from xctsam.eval.evaluate import eval_split_dirs, evaluate_model

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xctsam.config import SamConfig, SmallSamConfig
+from xctsam.config.sam import SamConfig, SmallSamConfig
 from xctsam.models.sam_builder import (
     OFFICIAL_ENCODERS,
     POS_EMBED_KEY,

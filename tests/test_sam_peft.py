@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from xctsam import NUM_CLASSES
-from xctsam.config import ConvLoraConfig, SamConfig, SmallSamConfig
+from xctsam.config.sam import ConvLoraConfig, SamConfig, SmallSamConfig
 from xctsam.models.base import trainable_parameters
 from xctsam.models.conv_lora import ConvLoRAQKV
 from xctsam.models.sam_peft import (

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from xctsam.cli import main
-from xctsam.config import load_params
+from xctsam.config.params import load_params
 from xctsam.data.volumes import write_volume
 from xctsam.params_file import update_params_file
 from xctsam.tune.space import apply_values, suggest

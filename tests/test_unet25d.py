@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from xctsam.config import UNetConfig
+from xctsam.config.unet import UNetConfig
 from xctsam.models.losses import segmentation_loss
 from xctsam.models.unet25d import UNet25D
 

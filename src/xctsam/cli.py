@@ -56,7 +56,7 @@ def data_phantoms(
     split: SplitsOption = None,
 ) -> None:
     """Generate the 3-D label phantoms (coupons with pores and inclusions) of every split."""
-    from xctsam.config import load_params
+    from xctsam.config.params import load_params
     from xctsam.sim.splits import make_phantoms
 
     config = load_params(params)
@@ -73,7 +73,7 @@ def data_simulate(
     split: SplitsOption = None,
 ) -> None:
     """Render each split: idealised (synthetic, domain A) or physics XCT at its scanner setting (real)."""
-    from xctsam.config import load_params
+    from xctsam.config.params import load_params
     from xctsam.sim.splits import simulate_splits
 
     config = load_params(params)
@@ -129,7 +129,7 @@ def gan_train(
     fresh: FreshOption = False,
 ) -> None:
     """Train the CycleGAN on tiles of gan.domain_a and gan.domain_b; resumes from its last checkpoint."""
-    from xctsam.config import load_params
+    from xctsam.config.params import load_params
     from xctsam.gan.train import train_gan
 
     config = _with_seed(load_params(params), seed)
@@ -144,7 +144,7 @@ def gan_synthesize(
     generator: Annotated[Path, typer.Option(help="Generator written by `xctsam gan train`.")] = Path("models/gan/generator_a2b.pt"),
 ) -> None:
     """Translate every labelled gan.domain_a volume into gan.output (labels unchanged)."""
-    from xctsam.config import load_params
+    from xctsam.config.params import load_params
     from xctsam.gan.synthesize import synthesize
 
     for path in synthesize(load_params(params), root, generator):
@@ -153,7 +153,7 @@ def gan_synthesize(
 
 # ---------------------------------------------------------------- train
 def _train(kind: str, params: Path, root: Path, out: Path | None, seed: int | None, fresh: bool) -> None:
-    from xctsam.config import load_params
+    from xctsam.config.params import load_params
     from xctsam.train.stage import train_model
 
     result = train_model(kind, _with_seed(load_params(params), seed), root, out or Path("models") / kind, resume=not fresh)
@@ -182,7 +182,7 @@ def train_pretrain(
     fresh: FreshOption = False,
 ) -> None:
     """Pretrain the small SAM, promptable, on generic shapes (params pretrain): the stand-in foundation."""
-    from xctsam.config import load_params
+    from xctsam.config.params import load_params
     from xctsam.pretrain.train import pretrain_sam
 
     result = pretrain_sam(load_params(params), out, state_path=state, resume=not fresh)
@@ -200,7 +200,7 @@ def train_finetune_real(
     fresh: FreshOption = False,
 ) -> None:
     """Continue training SAM-GAN on labelled real volumes (finetune.volumes); resumes after a kill."""
-    from xctsam.config import load_params
+    from xctsam.config.params import load_params
     from xctsam.train.finetune import VARIANT_NAMES, finetune_real
 
     if variant not in VARIANT_NAMES:
@@ -218,7 +218,7 @@ def predict(
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Segment a whole volume: overlapping tiles, Gaussian blending, streamed slice by slice."""
-    from xctsam.config import load_params
+    from xctsam.config.params import load_params
     from xctsam.eval.predict import predict_file
     from xctsam.models.factory import load_segmenter
 
@@ -251,7 +251,7 @@ def eval_models(
     """Score every model on every eval.splits split: IoU and Dice per class, mIoU."""
     import json
 
-    from xctsam.config import load_params
+    from xctsam.config.params import load_params
     from xctsam.eval.evaluate import evaluate_models
     from xctsam.models.factory import load_segmenter
 
@@ -271,7 +271,7 @@ def eval_zero_shot(
     """A pretrained SAM with a box per ground-truth component, before any XCT training."""
     import json
 
-    from xctsam.config import load_params
+    from xctsam.config.params import load_params
     from xctsam.pretrain.zero_shot import zero_shot
 
     report = zero_shot(load_params(params), root, out, checkpoint=checkpoint)
@@ -288,7 +288,7 @@ def eval_fid(
     """FID of each test split (and each fid.pairs entry) against the training set."""
     import json
 
-    from xctsam.config import load_params
+    from xctsam.config.params import load_params
     from xctsam.eval.fid import compute_fid
 
     result = compute_fid(_with_seed(load_params(params), seed), root, out)
@@ -309,7 +309,7 @@ def eval_forgetting(
     """IoU after minus before re-fine-tuning (per variant, split, class; mean over splits)."""
     import json
 
-    from xctsam.config import load_params
+    from xctsam.config.params import load_params
     from xctsam.eval.forgetting import evaluate_forgetting
 
     report = evaluate_forgetting(load_params(params), root, _named_models(model), out)
@@ -325,7 +325,7 @@ def eval_robustness(
     png_dir: Annotated[Path, typer.Option(help="Folder for a PNG per split and class.")] = Path("reports/robustness"),
 ) -> None:
     """IoU per class as Gaussian and Poisson noise grow on robustness.splits, for each model."""
-    from xctsam.config import load_params
+    from xctsam.config.params import load_params
     from xctsam.eval.robustness import evaluate_robustness
     from xctsam.models.factory import load_segmenter
 
@@ -342,7 +342,7 @@ def report(
     root: Annotated[Path | None, typer.Option("--root", help="Data root for the overlays (default: params study.root).")] = None,
 ) -> None:
     """reports/study.md and a self-contained study.html: FID, IoU, forgetting, robustness, overlays."""
-    from xctsam.config import load_params
+    from xctsam.config.params import load_params
     from xctsam.report import write_report
 
     for path in write_report(load_params(params), Path("."), out, data_root=root):
@@ -381,7 +381,7 @@ StorageOption = Annotated[str | None, typer.Option("--storage", help="Optuna sto
 
 
 def _study_name(name: str | None, params: Path) -> str:
-    from xctsam.config import load_params
+    from xctsam.config.params import load_params
 
     return name or f"xctsam-{load_params(params).tune.model}"
 

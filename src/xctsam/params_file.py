@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from xctsam.config import load_params, parse_params
+from xctsam.config.params import load_params, parse_params
 from xctsam.util import safe_yaml
 from xctsam.util.atomic import write_text_atomic
 from xctsam.util.errors import ConfigError, InputError

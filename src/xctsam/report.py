@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from xctsam.config import Params
+from xctsam.config.params import Params
 from xctsam.data.volumes import Volume, split_name, split_volumes
 from xctsam.util.atomic import atomic_path, write_text_atomic
 from xctsam.util.tracking import log_stage

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from xctsam.config import Params, PredictConfig
+from xctsam.config.eval import PredictConfig
+from xctsam.config.params import Params
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.volumes import Volume, split_name, split_volumes
 from xctsam.eval.metrics import ConfusionCounter, summarise

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from xctsam.config import Params
+from xctsam.config.params import Params
 from xctsam.data.datasets import IntensityWindow, SliceReader, SliceRef, sample_slices, split_slices
 from xctsam.data.volumes import split_name
 from xctsam.eval.fid_backbones import FeatureBackbone, load_backbone

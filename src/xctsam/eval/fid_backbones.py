@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xctsam.config import SamConfig
+from xctsam.config.sam import SamConfig
 from xctsam.util.compat import ensure_torchvision
 from xctsam.util.errors import XctsamError
 

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from xctsam.config import Params, PredictConfig
+from xctsam.config.eval import PredictConfig
+from xctsam.config.params import Params
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.volumes import split_name
 from xctsam.eval.evaluate import SplitCounts, count_volume

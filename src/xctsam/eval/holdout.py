@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from xctsam.config import Params
+from xctsam.config.params import Params
 from xctsam.data.datasets import SliceRef
 from xctsam.eval.evaluate import eval_split_dirs, labelled_volumes
 from xctsam.util.errors import ConfigError, InputError

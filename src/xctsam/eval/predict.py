@@ -35,7 +35,7 @@ import torch
 from scipy.signal.windows import gaussian
 
 from xctsam import NUM_CLASSES
-from xctsam.config import PredictConfig
+from xctsam.config.eval import PredictConfig
 from xctsam.data.checks import check_fits_in_memory, nbytes
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.tiles import context_indices as tile_context

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from xctsam import CLASS_NAMES
-from xctsam.config import Params
+from xctsam.config.params import Params
 from xctsam.data.datasets import IntensityWindow
 from xctsam.eval.evaluate import Models, eval_split_dirs, evaluate_model
 from xctsam.models.base import Segmenter

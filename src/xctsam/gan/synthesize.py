@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from skimage.filters import threshold_otsu
 
-from xctsam.config import Params
+from xctsam.config.params import Params
 from xctsam.data.volumes import Volume, VolumeWriter, split_volumes, write_manifest
 from xctsam.gan.cyclegan import Translator
 from xctsam.util.atomic import atomic_dir

@@ -37,7 +37,8 @@ from PIL import Image
 from skimage.util import montage
 from torch import nn
 
-from xctsam.config import GanConfig, Params
+from xctsam.config.gan import GanConfig
+from xctsam.config.params import Params
 from xctsam.data.datasets import (
     IntensityWindow,
     SliceReader,

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xctsam.config import ConvLoraConfig
+from xctsam.config.sam import ConvLoraConfig
 
 NOISE_FLOOR = 1e-2  # Shazeer et al.'s noise epsilon: the std never collapses to exactly 0
 _CV_EPS = 1e-10

@@ -8,7 +8,9 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from xctsam.config import Params, SamConfig, UNetConfig
+from xctsam.config.params import Params
+from xctsam.config.sam import SamConfig
+from xctsam.config.unet import UNetConfig
 from xctsam.data.datasets import IntensityWindow
 from xctsam.models.base import Segmenter
 from xctsam.models.checkpoint import SEGMENTER_REMEDY, load_segmenter_checkpoint

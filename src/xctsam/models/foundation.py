@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from xctsam.config import SamConfig
+from xctsam.config.sam import SamConfig
 from xctsam.models.sam_builder import has_official_name
 from xctsam.util.hashing import file_sha256
 

@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 import torch
 import torch.nn.functional as F
 
-from xctsam.config import SamConfig
+from xctsam.config.sam import SamConfig
 from xctsam.util.compat import ensure_torchvision
 from xctsam.util.errors import InputError, listed
 from xctsam.util.hashing import file_sha256

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xctsam import CLASS_NAMES, NUM_CLASSES
-from xctsam.config import ConvLoraConfig, SamConfig
+from xctsam.config.sam import ConvLoraConfig, SamConfig
 from xctsam.models.base import MulticlassSegmenter, Segmenter
 from xctsam.models.conv_lora import ConvLoRAQKV, collect_balance_loss, inject_conv_lora
 from xctsam.models.losses import binary_segmentation_loss

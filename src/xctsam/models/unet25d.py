@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xctsam import NUM_CLASSES
-from xctsam.config import UNetConfig
+from xctsam.config.unet import UNetConfig
 from xctsam.models.base import MulticlassSegmenter
 
 _MAX_GROUPS = 8

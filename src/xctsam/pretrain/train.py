@@ -33,7 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xctsam.config import Params, PretrainConfig, SamConfig
+from xctsam.config.params import Params
+from xctsam.config.pretrain import PretrainConfig
+from xctsam.config.sam import SamConfig
 from xctsam.models.checkpoint import STATE_FORMAT, save_atomic
 from xctsam.models.sam_builder import Sam, build_sam
 from xctsam.pretrain.losses import promptable_loss

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from xctsam import CLASS_NAMES
-from xctsam.config import Params
+from xctsam.config.params import Params
 from xctsam.data.datasets import IntensityWindow, split_slices
 from xctsam.data.volumes import Volume
 from xctsam.eval.evaluate import (

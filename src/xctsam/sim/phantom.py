@@ -37,7 +37,7 @@ from typing import Protocol
 import numpy as np
 from scipy import ndimage
 
-from xctsam.config import (
+from xctsam.config.data import (
     DefectPopulation,
     DefectRecipe,
     KeyholePopulation,

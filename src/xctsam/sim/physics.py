@@ -32,7 +32,7 @@ import numpy as np
 import scipy.ndimage
 import torch
 
-from xctsam.config import IdealRender, Scanner
+from xctsam.config.data import IdealRender, Scanner
 from xctsam.sim.materials import linear_attenuation
 from xctsam.sim.projector import ParallelBeamProjector, projector_for
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from xctsam import __version__
-from xctsam.config import Params, SplitRecipe
+from xctsam.config.data import SplitRecipe
+from xctsam.config.params import Params
 from xctsam.data.volumes import Volume, VolumeWriter, write_manifest, write_volume
 from xctsam.util.hashing import fingerprint
 from xctsam.util.progress import track

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from xctsam.config import TrainConfig
+from xctsam.config.train import TrainConfig
 from xctsam.util.hashing import fingerprint
 
 # Keys that change how often state is saved, not what is trained.

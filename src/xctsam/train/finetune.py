@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from xctsam.config import Params
+from xctsam.config.params import Params
 from xctsam.data.datasets import SliceRef, sample_slices
 from xctsam.data.tiles import SegmentationTiles, volume_refs
 from xctsam.eval.holdout import (

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from xctsam import CLASS_NAMES, NUM_CLASSES
-from xctsam.config import TrainConfig
+from xctsam.config.train import TrainConfig
 from xctsam.data.datasets import IntensityWindow, SliceRef, sample_slices
 from xctsam.data.tiles import ContextReader, read_context
 from xctsam.eval.metrics import ConfusionCounter, iou_dice, mean_defined

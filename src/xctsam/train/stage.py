@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xctsam.config import Params, TrainConfig
+from xctsam.config.params import Params
+from xctsam.config.train import TrainConfig
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.tiles import SegmentationTiles, validation_slices
 from xctsam.data.volumes import folders_digest

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xctsam.config import Params
+from xctsam.config.params import Params
 from xctsam.tune.space import apply_values
 from xctsam.tune.trials import retry_of
 

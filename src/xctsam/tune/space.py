@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from xctsam.config import Params, SearchDimension, parse_params
+from xctsam.config.params import Params, parse_params
+from xctsam.config.tune import SearchDimension
 from xctsam.params_file import assign
 from xctsam.util.errors import ConfigError
 

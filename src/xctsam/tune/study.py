@@ -30,7 +30,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from xctsam.config import Params, TuneConfig, load_params
+from xctsam.config.params import Params, load_params
+from xctsam.config.tune import TuneConfig
 from xctsam.util import tracking
 from xctsam.util.errors import XctsamError
 from xctsam.util.interrupt import STOPPED, Interrupted, signals_raise

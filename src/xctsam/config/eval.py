@@ -1,0 +1,52 @@
+"""Params `predict`, `eval`, `robustness` and `fid`: inference, scoring and distances between splits.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from xctsam.config.base import Float, Int, NonNegativeFloat, PositiveFloat, StrictModel
+
+
+# ---------------------------------------------------------------- inference and evaluation
+class PredictConfig(StrictModel):
+    tile: Annotated[Int, Field(ge=16)] = 128
+    overlap: Annotated[Float, Field(ge=0, lt=1)] = 0.25  # of the tile, blended with a Gaussian window
+    batch: Annotated[Int, Field(ge=1)] = 8
+
+
+class EvalConfig(StrictModel):
+    splits: list[str] = [f"real/Te-{i}" for i in range(1, 7)]
+
+
+
+
+class RobustnessConfig(StrictModel):
+    """Models scored on chosen test splits with noise added to their normalised inputs."""
+
+    splits: list[str] = ["real/Te-3"]
+    gaussian: list[NonNegativeFloat] = [0.0, 0.02, 0.05, 0.1]  # std, in units of the model's window
+    poisson: list[PositiveFloat] = [1000.0, 300.0, 100.0]  # photons at full scale (lower = noisier)
+
+
+# ---------------------------------------------------------------- FID
+class FidConfig(StrictModel):
+    """Frechet distance of each test split (and named pairs) to the training set."""
+
+    backbone: Literal["inception", "sam"] = "inception"
+    reference: str = "synthetic/Tr-GAN"  # the training set, a split folder under the data root
+    splits: list[str] = [f"real/Te-{i}" for i in range(1, 7)]
+    pairs: dict[str, tuple[str, str]] = {}  # name -> (split folder, split folder)
+    samples: Annotated[Int, Field(ge=2)] = 200  # slices per split, the same ones every run
+    batch: Annotated[Int, Field(ge=1)] = 25
+    # grey values mapped to [0, 1] for every split; null: robust window of the reference split.
+    # Imported 8-bit scans compare best on their full range, [0, 255].
+    window: tuple[Float, Float] | None = None
+
+    @model_validator(mode="after")
+    def _window_increasing(self) -> FidConfig:
+        if self.window is not None and not self.window[1] > self.window[0]:
+            raise ValueError("window: high must exceed low")
+        return self

@@ -1,0 +1,51 @@
+"""Params `train` (one loop for every model) and `finetune` (re-fine-tuning on real volumes).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from xctsam.config.base import Float, Fraction, Int, NonNegativeFloat, PositiveFloat, StrictModel
+
+
+# ---------------------------------------------------------------- training
+class TrainConfig(StrictModel):
+    """One training loop for every model; one instance per model under `train:`."""
+
+    splits: list[str] = ["synthetic/Tr-GAN"]  # labelled split folders under the data root
+    val_volumes: Annotated[Int, Field(ge=1)] = 1  # last volumes of the training splits held out for validation
+    tile: Annotated[Int, Field(ge=16)] = 128  # native-resolution random crops
+    batch: Annotated[Int, Field(ge=1)] = 4
+    steps: Annotated[Int, Field(ge=1)] = 1000
+    epoch_steps: Annotated[Int, Field(ge=1)] = 100  # validation, best checkpoint, early stopping per epoch
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 1e-4
+    warmup_steps: Annotated[Int, Field(ge=0)] = 50
+    schedule: Literal["cosine", "poly"] = "cosine"
+    grad_clip: PositiveFloat = 1.0
+    class_weights: tuple[PositiveFloat, PositiveFloat, PositiveFloat, PositiveFloat] = (1.0, 1.0, 3.0, 3.0)
+    dice_weight: NonNegativeFloat = 1.0  # loss = CE + dice_weight * Dice
+    oversample: Fraction = 0.5  # share of tiles drawn to contain a pore or inclusion
+    patience: Annotated[Int, Field(ge=1)] = 5  # epochs without validation mIoU gain before stopping
+    checkpoint_every: Annotated[Int, Field(ge=1)] = 100
+    val_slices: Annotated[Int, Field(ge=1)] = 16  # validation slices (seeded), scored whole
+
+
+class TrainSection(StrictModel):
+    sam: TrainConfig = TrainConfig(lr=3e-4)
+    unet: TrainConfig = TrainConfig()
+
+
+class FinetuneConfig(StrictModel):
+    """Re-fine-tuning SAM-GAN on labelled real scans (SAM-FineReal-Sub and SAM-FineReal).
+
+    `volumes` names the real volumes used for fine-tuning, per split folder; every other
+    volume of `eval.splits` is what forgetting is measured on, and any overlap is refused.
+    """
+
+    volumes: dict[str, list[str]] = {f"real/Te-{i}": [f"Te-{i}_000.h5"] for i in range(1, 7)}
+    sub_fraction: Annotated[Float, Field(gt=0, le=1)] = 0.25  # SAM-FineReal-Sub's share of the fine-tuning slices
+    steps: Annotated[Int, Field(ge=1)] = 300
+    lr: PositiveFloat = 1e-4

@@ -1,0 +1,23 @@
+"""Params `unet`: the 2.5D U-Net baseline.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, model_validator
+
+from xctsam.config.base import Int, StrictModel
+
+
+# ---------------------------------------------------------------- 2.5D U-Net
+class UNetConfig(StrictModel):
+    context: Annotated[Int, Field(ge=1)] = 5  # adjacent slices as input channels (odd; edges reflected)
+    filters: Annotated[Int, Field(ge=4)] = 16  # channels at the first level, doubled per level
+    depth: Annotated[Int, Field(ge=2, le=6)] = 4  # resolution levels
+
+    @model_validator(mode="after")
+    def _odd_context(self) -> UNetConfig:
+        if self.context % 2 == 0:
+            raise ValueError(f"context: {self.context} must be odd (centre slice plus equal neighbours)")
+        return self
