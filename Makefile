@@ -1,12 +1,12 @@
 # Two entry points on a fresh clone: `make repro` (the study) and `make test` (the tests).
-# Both create .venv when missing and install exactly what requirements.lock pins (uv pip sync:
+# Both create .venv when missing and install exactly what requirements.txt pins (uv pip sync:
 # nothing more, nothing newer), again whenever the lock or pyproject.toml changes.
-# `make lock` re-resolves pyproject.toml's ranges into requirements.lock.
+# `make lock` re-resolves pyproject.toml's ranges into requirements.txt.
 
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-LOCK ?= requirements.lock
+LOCK ?= requirements.txt
 # uv itself is pinned: a newer resolver may read the same lock differently.
 UV_VERSION := 0.13.9
 UV := $(BIN)/uv
@@ -14,7 +14,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY ?= true
 # uv ignores pip.conf. Where pip finds the CPU torch wheel in a local folder (PIP_FIND_LINKS),
 # give uv the same folder; elsewhere uv takes torch from the PyTorch index of UV_TORCH_BACKEND
-# (cpu by default; e.g. `make lock LOCK=requirements-cu128.lock UV_TORCH_BACKEND=cu128`).
+# (cpu by default; e.g. `make lock LOCK=requirements-cu128.txt UV_TORCH_BACKEND=cu128`).
 TORCH_SOURCE :=
 ifneq ($(strip $(PIP_FIND_LINKS)),)
 TORCH_SOURCE := $(foreach folder,$(PIP_FIND_LINKS),--find-links $(folder))
@@ -53,9 +53,11 @@ $(UV):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
 
-# One lock for running and testing (the test extras are a few small packages). Bytecode is
-# compiled at install, as pip does: uv does not by default, and where PYTHONDONTWRITEBYTECODE is
-# set every process would compile torch and mlflow again (import 9.5 s instead of 4 s here).
+# requirements.txt is the lock (pip-tools' convention: every package pinned with hashes, compiled
+# from pyproject.toml), one for running and testing (the test extras are a few small packages).
+# Bytecode is compiled at install, as pip does: uv does not by default, and where
+# PYTHONDONTWRITEBYTECODE is set every process would compile torch and mlflow again (import
+# 9.5 s instead of 4 s here).
 $(VENV)/.installed: $(LOCK) pyproject.toml | $(UV)
 	$(UV) pip sync --quiet --compile-bytecode --python $(BIN)/python $(TORCH_SOURCE) $(LOCK)
 	$(UV) pip install --quiet --python $(BIN)/python --no-deps $(TORCH_SOURCE) -e .
