@@ -38,7 +38,7 @@ def main() -> None:
         write_volume(path, np.random.default_rng(0).random((args.slices, args.size, args.size), dtype=np.float32))
         print(f"{args.slices} slices of {args.size}x{args.size}, tile {params.predict.tile}, overlap {params.predict.overlap}, torch threads {torch.get_num_threads()}")
         for kind in ("sam", "unet"):
-            model = build_segmenter(kind, params).eval()
+            model = build_segmenter(kind, getattr(params, kind), getattr(params.train, kind)).eval()
             rates = []
             for _ in range(args.repeats):
                 began = time.perf_counter()

@@ -146,8 +146,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     params_path = write_params(folder / "params.yaml", raw)
     params = load_params(params_path)
     checkpoint = folder / "best.pt"
-    model = build_segmenter("unet", params)
-    save_segmenter_checkpoint(checkpoint, model, model_meta("unet", params, IntensityWindow(0.0, 1.0)), {"step": 0})
+    model = build_segmenter("unet", params.unet, params.train.unet)
+    save_segmenter_checkpoint(checkpoint, model, model_meta("unet", params.unet, params.train.unet, IntensityWindow(0.0, 1.0)), {"step": 0})
     return TinyModel(checkpoint, params_path)
 
 

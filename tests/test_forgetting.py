@@ -96,9 +96,14 @@ def _with_finetune_volumes(params: Params, volumes: dict[str, list[str]]) -> Par
     )
 
 
+def _holdout_sections(params: Params) -> tuple[dict[str, list[str]], list[str]]:
+    """What evaluation_volumes reads of params: finetune.volumes and eval.splits."""
+    return params.finetune.volumes, params.eval.splits
+
+
 def test_evaluation_volumes_exclude_the_finetuning_ones(project: tuple[Params, Path]) -> None:
     params, root = project
-    volumes = evaluation_volumes(params, root)
+    volumes = evaluation_volumes(*_holdout_sections(params), root)
     assert {folder: [path.name for path in paths] for folder, paths in volumes.items()} == {
         "real/Te-1": ["v1.h5"],
         "real/Te-2": ["v1.h5"],
@@ -107,16 +112,16 @@ def test_evaluation_volumes_exclude_the_finetuning_ones(project: tuple[Params, P
 
 def test_sub_takes_a_seeded_share_of_the_full_slices(project: tuple[Params, Path]) -> None:
     params, root = project
-    full = finetune_slices(params, root, "full")
-    sub = finetune_slices(params, root, "sub")
+    full = finetune_slices(params.finetune, params.seed, root, "full")
+    sub = finetune_slices(params.finetune, params.seed, root, "sub")
     assert len(full) == 8 and {ref.volume.name for ref in full} == {"v0.h5"}
     assert len(sub) == 2 and set(sub) <= set(full)
-    assert finetune_slices(params, root, "sub") == sub
+    assert finetune_slices(params.finetune, params.seed, root, "sub") == sub
 
 
 def test_overlap_is_refused_naming_the_key_and_volume(project: tuple[Params, Path]) -> None:
     params, root = project
-    volumes = evaluation_volumes(params, root)
+    volumes = evaluation_volumes(*_holdout_sections(params), root)
     evaluated = root / "real" / "Te-2" / "v1.h5"
     with pytest.raises(ConfigError) as caught:
         check_no_overlap(
@@ -131,7 +136,7 @@ def test_overlap_is_refused_naming_the_key_and_volume(project: tuple[Params, Pat
 def test_split_wholly_finetuned_on_is_left_out_of_forgetting(project: tuple[Params, Path]) -> None:
     params, root = project
     whole_split = _with_finetune_volumes(params, {"real/Te-1": ["v0.h5", "v1.h5"]})
-    volumes = evaluation_volumes(whole_split, root)
+    volumes = evaluation_volumes(*_holdout_sections(whole_split), root)
     assert {folder: [path.name for path in paths] for folder, paths in volumes.items()} == {
         "real/Te-2": ["v0.h5", "v1.h5"]
     }
@@ -141,14 +146,14 @@ def test_no_split_left_to_evaluate_is_refused(project: tuple[Params, Path]) -> N
     params, root = project
     everything = {"real/Te-1": ["v0.h5", "v1.h5"], "real/Te-2": ["v0.h5", "v1.h5"]}
     with pytest.raises(ConfigError, match="finetune.volumes.*none is left"):
-        evaluation_volumes(_with_finetune_volumes(params, everything), root)
+        evaluation_volumes(*_holdout_sections(_with_finetune_volumes(params, everything)), root)
 
 
 def test_unknown_finetune_volume_is_named(project: tuple[Params, Path]) -> None:
     params, root = project
     wrong = _with_finetune_volumes(params, {"real/Te-1": ["nope.h5"]})
     with pytest.raises(InputError, match="nope.h5"):
-        finetune_slices(wrong, root, "full")
+        finetune_slices(wrong.finetune, wrong.seed, root, "full")
 
 
 # ---------------------------------------------------------------- end to end

@@ -14,10 +14,12 @@ import torch
 
 from xctsam.config.params import Params, parse_params
 from xctsam.data.datasets import TileSampler
-from xctsam.data.volumes import Volume, read_manifest, write_volume
+from xctsam.data.split_folders import read_manifest
+from xctsam.data.volumes import Volume, write_volume
 from xctsam.gan.cyclegan import ImagePool, PatchDiscriminator, ResnetGenerator, Translator
+from xctsam.gan.model import linear_decay
 from xctsam.gan.synthesize import file_sha256, structure_iou, synthesize
-from xctsam.gan.train import CHECKPOINT, GENERATOR, METRICS, SAMPLES, linear_decay, train_gan
+from xctsam.gan.train import CHECKPOINT, GENERATOR, METRICS, SAMPLES, train_gan
 from xctsam.util.errors import InputError
 from xctsam.util.interrupt import Interrupted
 

@@ -20,7 +20,8 @@ from PIL import Image
 
 from xctsam.cli import main
 from xctsam.data import importers, readers, samgan
-from xctsam.data.volumes import Volume, read_manifest
+from xctsam.data.split_folders import read_manifest
+from xctsam.data.volumes import Volume
 
 SAMGAN_DATA = Path(__file__).resolve().parents[2] / "shared/data/sam-material-gan"
 SLICE = (6, 7)  # (Y, X) of the synthetic slices

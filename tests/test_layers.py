@@ -148,3 +148,11 @@ def test_the_checks_see_upward_and_circular_imports(tmp_path: Path) -> None:
     (package / "train" / "losses.py").write_text("from xctsam.models import base\n")
     assert layer_violations(tmp_path) == ["xctsam.models.base:2 imports xctsam.train.losses: upward (models is below train)"]
     assert import_cycles(tmp_path) == [["xctsam.models.base", "xctsam.train.losses"]]
+
+
+def test_the_cli_package_is_the_top_layer() -> None:
+    """Every module of the cli package (root, common, one per noun) belongs to the cli layer."""
+    cli_modules = {module for module in import_graph(SRC) if module == "xctsam.cli" or module.startswith("xctsam.cli.")}
+    assert {"xctsam.cli", "xctsam.cli.root", "xctsam.cli.common", "xctsam.cli.train"} <= cli_modules
+    assert {unit(module) for module in cli_modules} == {"cli"}
+    assert RANK["cli"] == len(LAYERS) - 1

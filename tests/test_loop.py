@@ -28,15 +28,9 @@ from xctsam.data.volumes import write_volume
 from xctsam.models.base import Segmenter
 from xctsam.models.checkpoint import load_segmenter_checkpoint
 from xctsam.train import loop
-from xctsam.train.loop import (
-    LAST,
-    SUMMARY,
-    Runtime,
-    Trainer,
-    lr_factor,
-    train_segmenter,
-    whole_slice_batches,
-)
+from xctsam.train.loop import LAST, SUMMARY, Runtime, train_segmenter
+from xctsam.train.trainer import Trainer, lr_factor
+from xctsam.train.validation import to_device, whole_slice_batches
 from xctsam.util.device import pick_device
 from xctsam.util.errors import InputError
 from xctsam.util.interrupt import Interrupted
@@ -174,7 +168,7 @@ def test_trainer_steps_follow_the_schedule(schedule: str) -> None:
     cfg = config(steps=12, warmup_steps=4, schedule=schedule, lr=0.1)
     trainer = Trainer(make_model(), cfg, Runtime(torch.device("cpu")))
     sampler = FakeTiles(0)
-    used = [trainer.step(*loop.to_device(*sampler.batch(2), trainer.device))["lr"] for _ in range(cfg.steps)]
+    used = [trainer.step(*to_device(*sampler.batch(2), trainer.device))["lr"] for _ in range(cfg.steps)]
     assert used[:4] == pytest.approx([0.025, 0.05, 0.075, 0.1])
     assert used[4] == pytest.approx(0.1)
     middle = 0.5 * (1 + math.cos(math.pi * 4 / 8)) if schedule == "cosine" else (1 - 4 / 8) ** 0.9
@@ -185,7 +179,7 @@ def test_trainer_steps_follow_the_schedule(schedule: str) -> None:
 
 def test_gradients_are_clipped_to_the_configured_norm() -> None:
     trainer = Trainer(make_model(), config(grad_clip=1e-3), Runtime(torch.device("cpu")))
-    losses = trainer.step(*loop.to_device(*FakeTiles(0).batch(4), trainer.device))
+    losses = trainer.step(*to_device(*FakeTiles(0).batch(4), trainer.device))
     clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.trainable]))
     assert losses["grad_norm"] > 1e-2  # the raw gradient was far larger than the bound
     assert clipped.item() == pytest.approx(1e-3, rel=1e-3)
@@ -196,7 +190,7 @@ def test_only_trainable_parameters_are_optimised() -> None:
     model.conv1.requires_grad_(False)
     frozen = model.conv1.weight.detach().clone()
     trainer = Trainer(model, config(), Runtime(torch.device("cpu")))
-    trainer.step(*loop.to_device(*FakeTiles(0).batch(4), trainer.device))
+    trainer.step(*to_device(*FakeTiles(0).batch(4), trainer.device))
     assert len(trainer.optimizer.param_groups[0]["params"]) == 2  # conv2 weight and bias
     assert torch.equal(model.conv1.weight, frozen)
 

@@ -7,13 +7,8 @@ import pytest
 from scipy import ndimage
 
 from xctsam.config.data import DefectRecipe, PhantomGeometry
-from xctsam.sim import phantom
-from xctsam.sim.phantom import (
-    defect_fractions,
-    make_phantom,
-    make_specimen,
-    specimen_radius_voxels,
-)
+from xctsam.sim.phantom import defect_fractions, make_phantom
+from xctsam.sim.specimen import make_specimen, specimen_radius_voxels
 
 CUBE = PhantomGeometry(shape=(64, 64, 64))
 SMALL = PhantomGeometry(shape=(24, 48, 48))
@@ -42,7 +37,8 @@ RECIPES = {
 @pytest.fixture(params=["solid", "lattice"])
 def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Force one kind of specimen, so both are exercised whatever the seed draws."""
-    monkeypatch.setattr(phantom, "LATTICE_PROBABILITY", 1.0 if request.param == "lattice" else 0.0)
+    lattice = 1.0 if request.param == "lattice" else 0.0
+    monkeypatch.setattr("xctsam.sim.specimen.LATTICE_PROBABILITY", lattice)
     return request.param
 
 

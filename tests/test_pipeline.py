@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from xctsam.cli import main
-from xctsam.data.volumes import Volume, read_manifest
+from xctsam.data.split_folders import read_manifest
+from xctsam.data.volumes import Volume
 
 from .conftest import REPO, write_params
 

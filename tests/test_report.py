@@ -55,8 +55,8 @@ def _make_project(root: Path, params: Params) -> dict[str, Path]:
     models = {}
     for key in ("sam", "unet"):  # the report only loads checkpoints: an untrained U-Net stands in for SAM
         models[key] = root / "models" / key / "best.pt"
-        model = build_segmenter("unet", params)
-        save_segmenter_checkpoint(models[key], model, model_meta("unet", params, IntensityWindow(0.0, 1.0)), {"step": 0})
+        model = build_segmenter("unet", params.unet, params.train.unet)
+        save_segmenter_checkpoint(models[key], model, model_meta("unet", params.unet, params.train.unet, IntensityWindow(0.0, 1.0)), {"step": 0})
     return models
 
 

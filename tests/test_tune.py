@@ -143,7 +143,7 @@ def test_pruning_stops_a_trial_after_its_first_epoch(project: Path) -> None:
     run = TrialRun(parent, trial, values, "prune")
     with pytest.raises(optuna.TrialPruned):
         Objective(params, project / "data", project / "trials")(trial, values, run)
-    reported = study._storage.get_trial(trial._trial_id).intermediate_values
+    reported = study.trials[-1].intermediate_values
     assert list(reported) == [1] and 0 <= reported[1] <= 1
     assert not (project / "trials" / f"trial-{trial.number}" / "training.json").exists()  # stopped before the end
 

@@ -25,8 +25,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from xctsam.config.eval import PredictConfig
 from xctsam.config.params import Params
-from xctsam.data.volumes import Volume, split_name, split_volumes
+from xctsam.data.split_folders import split_name, split_volumes
+from xctsam.data.volumes import Volume
 from xctsam.util.atomic import atomic_path, write_text_atomic
 from xctsam.util.tracking import log_stage
 
@@ -150,12 +152,12 @@ def first_labelled_volume(split_dir: Path) -> Path | None:
     return None
 
 
-def predicted_slices(model: Any, window: Any, volume: Volume, slices: Sequence[int], params: Params) -> dict[int, np.ndarray]:
+def predicted_slices(model: Any, window: Any, volume: Volume, slices: Sequence[int], predict: PredictConfig) -> dict[int, np.ndarray]:
     """Labels of `slices` only: prediction streams in z order, so stop past the last one wanted."""
     from xctsam.eval.predict import predict_volume
 
     wanted, found = set(slices), {}
-    for prediction in predict_volume(model, volume, window, params.predict, progress=False):
+    for prediction in predict_volume(model, volume, window, predict, progress=False):
         if prediction.z in wanted:
             found[prediction.z] = prediction.labels
         if prediction.z >= max(wanted):
@@ -182,8 +184,8 @@ def draw_overlay(image: np.ndarray, panels: Mapping[str, np.ndarray], title: str
         figure.savefig(tmp, format="png", dpi=80)
 
 
-def write_overlays(params: Params, data_root: Path, models: Mapping[str, Path], out_dir: Path) -> list[Path]:
-    """Overlay PNGs for two slices of each eval split's first labelled volume; [] without models."""
+def write_overlays(splits: Sequence[str], predict: PredictConfig, data_root: Path, models: Mapping[str, Path], out_dir: Path) -> list[Path]:
+    """Overlay PNGs for two slices of the first labelled volume of each of `splits`; [] without models."""
     from xctsam.models.factory import load_segmenter
 
     present = {key: path for key, path in models.items() if Path(path).is_file()}
@@ -191,13 +193,13 @@ def write_overlays(params: Params, data_root: Path, models: Mapping[str, Path], 
         return []
     loaded = {model_name(key): load_segmenter(path) for key, path in present.items()}
     written = []
-    for folder in params.eval.splits:
+    for folder in splits:
         volume_path = first_labelled_volume(data_root / folder) if (data_root / folder).is_dir() else None
         if volume_path is None:
             continue
         with Volume(volume_path) as volume:
             slices = overlay_slices(volume.n_slices)
-            predictions = {name: predicted_slices(model, window, volume, slices, params) for name, (model, window, _) in loaded.items()}
+            predictions = {name: predicted_slices(model, window, volume, slices, predict) for name, (model, window, _) in loaded.items()}
             for z in slices:
                 panels = {"truth": volume.labels(z, z + 1)[0], **{name: found[z] for name, found in predictions.items()}}
                 out_png = out_dir / "overlays" / f"{split_name(folder)}_z{z:03d}.png"
@@ -214,7 +216,7 @@ def build_sections(params: Params, root: Path, out_dir: Path, models: Mapping[st
     forgetting = read_json(root / "metrics" / "forgetting.json")
     order = split_order(fid, [split_name(folder) for folder in params.eval.splits])
     robustness_pngs = sorted((root / "reports" / "robustness").glob("*.png"))
-    overlays = write_overlays(params, data_root, models, out_dir)
+    overlays = write_overlays(params.eval.splits, params.predict, data_root, models, out_dir)
     return [
         Section("FID to the training set", note=_fid_note(fid), table=fid_table(fid) if fid else None),
         Section("IoU per class: SAM-GAN vs U-Net", note=_iou_note(evaluation, zero_shots), table=iou_table(evaluation, order) if evaluation else None),

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from xctsam.data.volumes import Volume, split_volumes
+from xctsam.data.split_folders import split_volumes
+from xctsam.data.volumes import Volume
 from xctsam.util.errors import InputError
 
 

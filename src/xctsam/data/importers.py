@@ -18,13 +18,15 @@ import numpy as np
 
 from xctsam.data.checks import check_fits_in_memory, check_real_dtype, nbytes
 from xctsam.data.readers import SliceStack, open_stack, provenance, slab_length
-from xctsam.data.volumes import (
+from xctsam.data.split_folders import (
     MANIFEST,
-    VolumeWriter,
-    check_same_shape,
     manifest_entry,
     manifest_text,
     split_volumes,
+)
+from xctsam.data.volumes import (
+    VolumeWriter,
+    check_same_shape,
 )
 from xctsam.util.atomic import (
     atomic_path,

@@ -25,10 +25,8 @@ from xctsam.data.readers import (
     require_exists,
     visible_entries,
 )
-from xctsam.data.volumes import (
-    VolumeWriter,
-    write_manifest,
-)
+from xctsam.data.split_folders import write_manifest
+from xctsam.data.volumes import VolumeWriter
 from xctsam.util.atomic import (
     atomic_dir,
     remove_created_dirs_on_failure,

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from xctsam.data.datasets import IntensityWindow, SliceReader, SliceRef
-from xctsam.data.volumes import Volume, split_volumes
+from xctsam.data.split_folders import split_volumes
+from xctsam.data.volumes import Volume
 from xctsam.util.errors import InputError
 from xctsam.util.progress import track
 

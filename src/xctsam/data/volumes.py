@@ -3,22 +3,22 @@
 Layout: dataset `image` (float32, Z x Y x X), optional dataset `labels` (uint8, same shape,
 values 0..3), one slice per chunk, metadata as file attributes. Nested metadata (dicts,
 lists) is stored as JSON text with a `json:` prefix so any HDF5 tool can still show it.
+A split is a folder of such files with a manifest (split_folders.py).
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h5py
 import numpy as np
 
-from xctsam import CLASS_NAMES, NUM_CLASSES
+from xctsam import NUM_CLASSES
 from xctsam.data.checks import (
     LABEL_REMEDY,
     check_finite,
@@ -26,17 +26,12 @@ from xctsam.data.checks import (
     check_label_values,
     check_real_dtype,
 )
+from xctsam.data.latched_writes import LatchedWrites
 from xctsam.util.atomic import atomic_path
 from xctsam.util.errors import InputError
-from xctsam.util.hashing import file_sha256
-from xctsam.util.jsonfile import json_text, write_json
-
-if TYPE_CHECKING:
-    from rich.table import Table
 
 IMAGE = "image"
 LABELS = "labels"
-MANIFEST = "manifest.json"
 _JSON_PREFIX = "json:"
 # Images: lzf decodes ~2x faster than gzip-1 (training reads 5-slice context slabs per tile;
 # measured 9.5 vs 22 ms per 5 slices of 512x512) at ~10% more disk. h5py reads it anywhere;
@@ -93,64 +88,6 @@ def _decode_attr(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------- writing
-class _LatchedWrites:
-    """The file object HDF5 writes a new volume through (h5py's file-object driver).
-
-    HDF5 cannot recover from a failed write: after "No space left on device" while flushing,
-    the file can neither be closed nor left (the process segfaults at exit). So the first
-    OSError of a write is kept here and later writes are dropped (the temporary file is
-    deleted anyway): HDF5 closes cleanly and the writer raises the kept error afterwards.
-    """
-
-    def __init__(self, path: Path) -> None:
-        # unbuffered, so a write error surfaces in write(); closed by close()
-        self._raw = open(path, "w+b", buffering=0)  # noqa: SIM115
-        self.error: OSError | None = None
-
-    def readinto(self, buffer: Any) -> int | None:
-        return self._raw.readinto(buffer)
-
-    def read(self, size: int = -1) -> bytes | None:
-        return self._raw.read(size)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._raw.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._raw.tell()
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        if self.error is None:
-            try:
-                while view.nbytes:  # a write cut short by a full disk returns fewer bytes
-                    view = view[self._raw.write(view) :]
-            except OSError as exc:
-                self.error = exc
-        return memoryview(data).nbytes
-
-    def truncate(self, size: int | None = None) -> int:
-        if self.error is None:
-            try:
-                return self._raw.truncate(size)
-            except OSError as exc:
-                self.error = exc
-        return self._raw.tell() if size is None else size
-
-    def flush(self) -> None:
-        """Nothing is buffered here (unbuffered file)."""
-
-    def raise_error(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def close(self, exc_type: type[BaseException] | None = None, exc: BaseException | None = None, tb: TracebackType | None = None) -> None:
-        """Close the file; raise a kept write error unless another error is already on its way."""
-        self._raw.close()
-        if exc_type is None:
-            self.raise_error()
-
-
 class VolumeWriter:
     """Streams slabs of slices into a new volume file, renamed into place only when complete.
 
@@ -174,7 +111,7 @@ class VolumeWriter:
 
     def __enter__(self) -> VolumeWriter:
         target = self._stack.enter_context(atomic_path(self.path)) if self.atomic else self.path
-        self._sink = _LatchedWrites(target)
+        self._sink = LatchedWrites(target)
         self._stack.push(self._sink.close)  # after HDF5 has closed (the stack unwinds in reverse)
         self._file = self._stack.enter_context(h5py.File(self._sink, "w"))
         chunk = (1, *self.shape[1:])
@@ -352,82 +289,3 @@ def _value_counts(labels: np.ndarray) -> dict[int, int]:
         return dict(zip(values.tolist(), numbers[values].tolist(), strict=True))
     values, numbers = np.unique(labels, return_counts=True)
     return dict(zip(values.tolist(), numbers.tolist(), strict=True))
-
-
-# ---------------------------------------------------------------- manifests
-def split_name(folder: str | Path) -> str:
-    """'real/Te-1' -> 'Te-1': the key of a split in metrics files and MLflow metric names."""
-    return Path(folder).name
-
-
-def split_volumes(split_dir: Path) -> list[Path]:
-    return sorted(Path(split_dir).glob("*.h5"))
-
-
-def folders_digest(folders: Iterable[Path]) -> dict[str, list[tuple[str, str]]]:
-    """{folder: [(volume file, sha256), ...]}: identifies the data a model was trained on."""
-    return {str(folder): [(path.name, file_sha256(path)) for path in split_volumes(Path(folder))] for folder in folders}
-
-
-def manifest_entry(path: Path, name: str | None = None) -> dict[str, Any]:
-    """What a manifest says about one volume file (listed as `name`, default its own file name)."""
-    with Volume(path) as volume:
-        entry: dict[str, Any] = {"file": name or Path(path).name, "shape": list(volume.shape), "labelled": volume.has_labels}
-    if entry["labelled"]:
-        counts = label_counts(path)
-        entry["class_fractions"] = {label: float(c) / float(counts.sum()) for label, c in zip(CLASS_NAMES, counts, strict=False)}
-    return entry
-
-
-def _manifest(split: str, entries: Iterable[Mapping[str, Any]], extra: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The split's name, its volumes in file-name order, then keys other stages put there."""
-    return {"split": split, "volumes": sorted(entries, key=lambda entry: entry["file"]), **dict(extra or {})}
-
-
-def manifest_text(split: str, entries: Iterable[Mapping[str, Any]], extra: Mapping[str, Any] | None = None) -> str:
-    """manifest.json's content, for callers that stage it with other files."""
-    return json_text(_manifest(split, entries, extra))
-
-
-def write_manifest(split_dir: Path, split: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Describe every volume of a split (shape, labelled, class fractions) in manifest.json."""
-    split_dir = Path(split_dir)
-    manifest = _manifest(split, [manifest_entry(path) for path in split_volumes(split_dir)], extra)
-    write_json(split_dir / MANIFEST, manifest)
-    return manifest
-
-
-def read_manifest(split_dir: Path) -> dict[str, Any]:
-    path = Path(split_dir) / MANIFEST
-    if not path.is_file():
-        raise InputError(path, "split manifest not found", "run the stage that makes the split (dvc repro)")
-    return json.loads(path.read_text())
-
-
-def describe_volumes(paths: Iterable[Path]) -> Table:
-    """A table of shape, labels and class fractions for volume files or split folders."""
-    from rich.table import Table
-
-    table = Table("volume", "shape", "labelled", *CLASS_NAMES, "unknown labels")
-    for given in paths:
-        files = split_volumes(given) if Path(given).is_dir() else [Path(given)]
-        if not files:
-            raise InputError(given, "no .h5 volumes here", "give volume files or a split folder")
-        for path in files:
-            with Volume(path) as volume:
-                shape, labelled = volume.shape, volume.has_labels
-            fractions, unknown = ["-"] * len(CLASS_NAMES), "-"
-            if labelled:
-                fractions, unknown = _label_columns(label_histogram(path))
-            table.add_row(str(path), "x".join(map(str, shape)), "yes" if labelled else "no", *fractions, unknown)
-    return table
-
-
-def _label_columns(histogram: Mapping[int, int]) -> tuple[list[str], str]:
-    """Fraction of each class among all labelled voxels, and the unknown values with their counts:
-    shown rather than dropped, so a broken label file is visible before training on it."""
-    total = max(sum(histogram.values()), 1)
-    fractions = [f"{histogram.get(label, 0) / total:.5f}" for label in range(NUM_CLASSES)]
-    unknown = {value: count for value, count in histogram.items() if not 0 <= value < NUM_CLASSES}
-    text = ", ".join(f"{value}: {count} voxels" for value, count in sorted(unknown.items()))
-    return fractions, text or "-"

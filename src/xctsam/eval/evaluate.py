@@ -33,7 +33,8 @@ import torch
 from xctsam.config.eval import PredictConfig
 from xctsam.config.params import Params
 from xctsam.data.datasets import IntensityWindow
-from xctsam.data.volumes import Volume, split_name, split_volumes
+from xctsam.data.split_folders import split_name, split_volumes
+from xctsam.data.volumes import Volume
 from xctsam.eval.metrics import ConfusionCounter, summarise
 from xctsam.eval.predict import SliceTransform, predict_volume
 from xctsam.models.base import Segmenter

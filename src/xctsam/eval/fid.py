@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from xctsam.config.eval import FidConfig
 from xctsam.config.params import Params
 from xctsam.data.datasets import IntensityWindow, SliceReader, SliceRef, sample_slices, split_slices
-from xctsam.data.volumes import split_name
+from xctsam.data.split_folders import split_name
 from xctsam.eval.fid_backbones import FeatureBackbone, load_backbone
 from xctsam.util.compat import ensure_torchvision
 from xctsam.util.errors import ConfigError, InputError
@@ -98,8 +99,8 @@ class NormalisedSlices(Sequence[np.ndarray]):
 
 
 # ---------------------------------------------------------------- splits
-def _check_names(params: Params) -> None:
-    keys = [split_name(folder) for folder in params.fid.splits]
+def _check_names(fid: FidConfig) -> None:
+    keys = [split_name(folder) for folder in fid.splits]
     clashes = sorted({key for key in keys if keys.count(key) > 1})
     if clashes:
         raise ConfigError("params", "fid.splits", f"folders share the name(s) {clashes}; metrics are keyed by the last folder name")
@@ -112,9 +113,8 @@ def _split_dir(data_root: Path, folder: str, key: str) -> Path:
     return path
 
 
-def _folders(params: Params, data_root: Path) -> dict[str, Path]:
+def _folders(fid: FidConfig, data_root: Path) -> dict[str, Path]:
     """Every split folder the stage reads, checked to exist before any slow work starts."""
-    fid = params.fid
     named = [(fid.reference, "fid.reference")]
     named += [(folder, "fid.splits") for folder in fid.splits]
     named += [(folder, f"fid.pairs.{name}") for name, pair in fid.pairs.items() for folder in pair]
@@ -159,8 +159,8 @@ def compute_fid(params: Params, data_root: Path, out: Path = DEFAULT_OUT) -> dic
     pairs: {name: value}}. Split keys are the folders' last names ('real/Te-1' -> 'Te-1').
     """
     fid = params.fid
-    _check_names(params)
-    folders = _folders(params, data_root)
+    _check_names(fid)
+    folders = _folders(fid, data_root)
     reference = folders[fid.reference]
     backbone = load_backbone(fid.backbone, params.sam, params.seed)
     window = (

@@ -30,7 +30,7 @@ import torch
 from xctsam.config.eval import PredictConfig
 from xctsam.config.params import Params
 from xctsam.data.datasets import IntensityWindow
-from xctsam.data.volumes import split_name
+from xctsam.data.split_folders import split_name
 from xctsam.eval.evaluate import SplitCounts, count_volume
 from xctsam.eval.holdout import check_no_overlap, evaluation_volumes
 from xctsam.models.base import Segmenter
@@ -156,7 +156,7 @@ def evaluate_forgetting(
 
     if BASELINE not in models:
         raise ValueError(f"models must include the baseline {BASELINE!r} (got {', '.join(models)})")
-    volumes = evaluation_volumes(params, data_root)
+    volumes = evaluation_volumes(params.finetune.volumes, params.eval.splits, data_root)
     iou: dict[str, SplitScores] = {}
     for name, path in models.items():
         model, window, meta = load_segmenter(Path(path))

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from xctsam.config.params import Params
 from xctsam.data.datasets import SliceRef
 from xctsam.eval.evaluate import eval_split_dirs, labelled_volumes
 from xctsam.util.errors import ConfigError, InputError
@@ -19,10 +18,10 @@ from xctsam.util.errors import ConfigError, InputError
 PARAMS_KEY = "finetune.volumes"
 
 
-def finetune_volume_paths(params: Params, data_root: Path) -> dict[str, list[Path]]:
-    """{split folder: [volume path]} named by finetune.volumes; a missing file is an InputError."""
+def finetune_volume_paths(volumes: Mapping[str, Sequence[str]], data_root: Path) -> dict[str, list[Path]]:
+    """{split folder: [volume path]} of `volumes` (finetune.volumes); a missing file is an InputError."""
     found: dict[str, list[Path]] = {}
-    for folder, names in params.finetune.volumes.items():
+    for folder, names in volumes.items():
         paths = [Path(data_root) / folder / name for name in names]
         for path in paths:
             if not path.is_file():
@@ -40,20 +39,21 @@ def _same_file_key(path: Path) -> Path:
     return Path(path).resolve()
 
 
-def evaluation_volumes(params: Params, data_root: Path) -> dict[str, list[Path]]:
-    """{split folder: [labelled volume path]} of eval.splits, minus every fine-tuning volume.
+def evaluation_volumes(finetune_volumes: Mapping[str, Sequence[str]], splits: Sequence[str], data_root: Path) -> dict[str, list[Path]]:
+    """{split folder: [labelled volume path]} of `splits` (eval.splits), minus every volume of
+    `finetune_volumes` (finetune.volumes).
 
     A split whose every volume is fine-tuned on is left out (a release with one scan per split
     fine-tunes on whole splits and measures forgetting on the others); none left is refused.
     """
     tuned = {
         _same_file_key(path)
-        for paths in finetune_volume_paths(params, data_root).values()
+        for paths in finetune_volume_paths(finetune_volumes, data_root).values()
         for path in paths
     }
-    eval_split_dirs(params.eval.splits, data_root)  # unique split names, labelled folders
+    eval_split_dirs(splits, data_root)  # unique split names, labelled folders
     remaining: dict[str, list[Path]] = {}
-    for folder in params.eval.splits:
+    for folder in splits:
         kept = [
             path
             for path in labelled_volumes(Path(data_root) / folder)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from xctsam import CLASS_NAMES
+from xctsam.config.eval import PredictConfig, RobustnessConfig
 from xctsam.config.params import Params
 from xctsam.data.datasets import IntensityWindow
 from xctsam.eval.evaluate import Models, eval_split_dirs, evaluate_model
@@ -85,9 +86,8 @@ def _poisson(photons: float, rng: np.random.Generator) -> Callable[[np.ndarray],
     return count_photons
 
 
-def noise_levels(params: Params) -> list[tuple[NoiseKind, float]]:
-    """Every (kind, level) of params `robustness`, in the order given."""
-    config = params.robustness
+def noise_levels(config: RobustnessConfig) -> list[tuple[NoiseKind, float]]:
+    """Every (kind, level) of the `robustness` section, in the order given."""
     return [("gaussian", float(level)) for level in config.gaussian] + [("poisson", float(level)) for level in config.poisson]
 
 
@@ -102,16 +102,18 @@ def score_model(
     model: Segmenter,
     window: IntensityWindow,
     split_dirs: Mapping[str, Path],
-    params: Params,
+    levels: Sequence[tuple[NoiseKind, float]],
+    predict: PredictConfig,
+    seed: int,
     device: torch.device | str | None,
     progress: bool,
 ) -> list[Row]:
-    """Rows {model, split, noise, level, class, iou} of one model at every noise level."""
+    """Rows {model, split, noise, level, class, iou} of one model at every (kind, level) of `levels`."""
     rows: list[Row] = []
-    for kind, level in noise_levels(params):
-        transform = noise_transform(kind, level, params.seed)
+    for kind, level in levels:
+        transform = noise_transform(kind, level, seed)
         label = f"{name} {kind} {level_key(level)}"
-        results = evaluate_model(model, window, split_dirs, params.predict, device, transform=transform, name=label, progress=progress)
+        results = evaluate_model(model, window, split_dirs, predict, device, transform=transform, name=label, progress=progress)
         for split, summary in results.items():
             rows.extend(
                 {"model": name, "split": split, "noise": kind, "level": level, "class": cls, "iou": float(iou)}
@@ -208,7 +210,7 @@ def evaluate_robustness(
     the MLflow run `robustness`. Returns the rows (NaN where the JSON has null).
     """
     split_dirs = eval_split_dirs(params.robustness.splits, data_root)
-    rows = [row for name, (model, window) in models.items() for row in score_model(name, model, window, split_dirs, params, device, progress)]
+    rows = [row for name, (model, window) in models.items() for row in score_model(name, model, window, split_dirs, noise_levels(params.robustness), params.predict, params.seed, device, progress)]
     write_rows(rows, out_json)
     pngs = write_plots(rows, list(models), list(split_dirs), png_dir)
     if log_mlflow:

@@ -16,7 +16,8 @@ import numpy as np
 from skimage.filters import threshold_otsu
 
 from xctsam.config.params import Params
-from xctsam.data.volumes import Volume, VolumeWriter, split_volumes, write_manifest
+from xctsam.data.split_folders import split_volumes, write_manifest
+from xctsam.data.volumes import Volume, VolumeWriter
 from xctsam.gan.cyclegan import Translator
 from xctsam.util.atomic import atomic_dir
 from xctsam.util.device import pick_device

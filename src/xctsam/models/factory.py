@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from xctsam.config.params import Params
 from xctsam.config.sam import SamConfig
+from xctsam.config.train import TrainConfig
 from xctsam.config.unet import UNetConfig
 from xctsam.data.datasets import IntensityWindow
 from xctsam.models.base import Segmenter
@@ -33,22 +33,20 @@ def _build(kind: str, section: dict[str, Any], class_weights: list[float], dice_
     raise ValueError(f"unknown model kind {kind!r} (known: {', '.join(MODEL_KINDS)})")
 
 
-def model_section(kind: ModelKind, params: Params) -> dict[str, Any]:
-    return (params.sam if kind == "sam" else params.unet).model_dump(mode="json")
+ModelConfig = SamConfig | UNetConfig
 
 
-def build_segmenter(kind: ModelKind, params: Params) -> Segmenter:
-    """A fresh model of `kind` as params describe it (SAM loads its base checkpoint, if any)."""
-    train = getattr(params.train, kind)
-    return _build(kind, model_section(kind, params), list(train.class_weights), train.dice_weight)
+def build_segmenter(kind: ModelKind, model: ModelConfig, train: TrainConfig) -> Segmenter:
+    """A fresh model of `kind` from its section (`sam` or `unet`) and the loss weights of
+    train.<kind>; SAM loads its base checkpoint, if any."""
+    return _build(kind, model.model_dump(mode="json"), list(train.class_weights), train.dice_weight)
 
 
-def model_meta(kind: ModelKind, params: Params, window: IntensityWindow) -> dict[str, Any]:
+def model_meta(kind: ModelKind, model: ModelConfig, train: TrainConfig, window: IntensityWindow) -> dict[str, Any]:
     """What rebuilds the trained model later: stored in its checkpoint."""
-    train = getattr(params.train, kind)
     return {
         "kind": kind,
-        "config": model_section(kind, params),
+        "config": model.model_dump(mode="json"),
         "class_weights": list(train.class_weights),
         "dice_weight": train.dice_weight,
         "window": window.to_dict(),

@@ -43,9 +43,9 @@ from xctsam.pretrain.promptable import decode, embed_images, read_masks
 from xctsam.pretrain.prompts import mask_box, mask_point, sample_prompts
 from xctsam.pretrain.shapes import ShapeImage, make_image
 from xctsam.train.checkpoint import capture_rng, restore_rng, seed_everything
-from xctsam.train.loop import lr_factor
 from xctsam.train.optimisation import Optimised, choose_precision
 from xctsam.train.runtime import deterministic_on_cpu, start_runtime
+from xctsam.train.trainer import lr_factor
 from xctsam.util.errors import ConfigError
 from xctsam.util.hashing import file_sha256, fingerprint
 from xctsam.util.jsonfile import write_json
@@ -204,7 +204,7 @@ def write_outputs(sam: Sam, checkpoint: Path, summary: dict[str, Any]) -> dict[s
 
 
 @contextmanager
-def _mlflow_run(params: Params, enabled: bool) -> Iterator[tuple[str | None, MetricsLogger]]:
+def _mlflow_run(config: PretrainConfig, sam: SamConfig, enabled: bool) -> Iterator[tuple[str | None, MetricsLogger]]:
     """(run id, log_metrics) of the pretrain_sam stage run; no MLflow at all when disabled."""
     if not enabled:
         yield None, lambda metrics, step: None
@@ -213,7 +213,7 @@ def _mlflow_run(params: Params, enabled: bool) -> Iterator[tuple[str | None, Met
 
     from xctsam.util import tracking
 
-    logged = {"pretrain": params.pretrain.model_dump(mode="json"), "sam": {"small": params.sam.small.model_dump(mode="json"), "image_size": params.sam.image_size}}
+    logged = {"pretrain": config.model_dump(mode="json"), "sam": {"small": sam.small.model_dump(mode="json"), "image_size": sam.image_size}}
     with tracking.stage_run("pretrain_sam", logged, tags={"model": "sam_stand_in"}) as run:
         yield run.info.run_id, lambda metrics, step: mlflow.log_metrics(metrics, step=step)
 
@@ -299,7 +299,7 @@ def pretrain_sam(
     if (done := engine.finished(lambda: finished(checkpoint, training_id), checkpoint)) is not None:
         return result(done["steps"], True, done)
     runtime = start_runtime(device)
-    with deterministic_on_cpu(runtime.device), _mlflow_run(params, log_mlflow) as (run_id, log_metrics):
+    with deterministic_on_cpu(runtime.device), _mlflow_run(params.pretrain, params.sam, log_mlflow) as (run_id, log_metrics):
         seed_everything(config.seed)
         trainer = Trainer.create(build_sam(sam_config), config, runtime.device)
         job = PretrainJob(trainer, config, sam_config, checkpoint, training_id, run_id, log_metrics)

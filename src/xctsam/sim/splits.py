@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from xctsam import __version__
-from xctsam.config.data import SplitRecipe
-from xctsam.config.params import Params
-from xctsam.data.volumes import Volume, VolumeWriter, write_manifest, write_volume
+from xctsam.config.data import DataConfig, SplitRecipe
+from xctsam.data.split_folders import write_manifest
+from xctsam.data.volumes import Volume, VolumeWriter, write_volume
 from xctsam.util.hashing import fingerprint
 from xctsam.util.progress import track
 
@@ -42,10 +42,10 @@ def _is_current(path: Path, expected: str) -> bool:
         return False
 
 
-def _selected(params: Params, splits: Iterable[str] | None) -> dict[str, SplitRecipe]:
+def _selected(data: DataConfig, splits: Iterable[str] | None) -> dict[str, SplitRecipe]:
     from xctsam.util.errors import ConfigError
 
-    chosen = dict(params.data.splits)
+    chosen = dict(data.splits)
     if splits is None:
         return chosen
     unknown = [s for s in splits if s not in chosen]
@@ -62,13 +62,12 @@ def _prune(folder: Path, keep: set[Path]) -> None:
 
 
 # ---------------------------------------------------------------- phantoms
-def make_phantoms(params: Params, out: Path, *, seed: int | None = None, splits: Iterable[str] | None = None) -> Iterator[Path]:
-    """Write data/phantoms/<split>/<split>_NNN.h5 (labels, and the labels as image)."""
+def make_phantoms(data: DataConfig, seed: int, out: Path, *, splits: Iterable[str] | None = None) -> Iterator[Path]:
+    """Write data/phantoms/<split>/<split>_NNN.h5 (labels, and the labels as image) of the `data`
+    section's splits (all, or those named by `splits`)."""
     from xctsam.sim.phantom import defect_fractions, make_phantom
 
-    seed = params.seed if seed is None else seed
-    data = params.data
-    jobs = [(name, split, i) for name, split in _selected(params, splits).items() for i in range(split.volumes)]
+    jobs = [(name, split, i) for name, split in _selected(data, splits).items() for i in range(split.volumes)]
     written: dict[str, set[Path]] = {}
     for name, split, index in track(jobs, "phantoms", total=len(jobs)):
         recipe = data.recipes[split.recipe]
@@ -97,24 +96,22 @@ def split_folder(root: Path, name: str, split: SplitRecipe) -> Path:
 Imager = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 
-def _imager(params: Params, split: SplitRecipe, size: int) -> Imager:
+def _imager(data: DataConfig, split: SplitRecipe, size: int) -> Imager:
     """The idealised render for synthetic splits, the physics scanner for real ones."""
     from xctsam.sim.physics import XctScanner, render_ideal
 
     if split.kind == "synthetic":
-        return lambda labels, _rng: render_ideal(labels, params.data.render, split.alloy, split.inclusion_material)
+        return lambda labels, _rng: render_ideal(labels, data.render, split.alloy, split.inclusion_material)
     assert split.scanner is not None  # config guarantees it for real splits
-    scanner = XctScanner(params.data.scanners[split.scanner], split.alloy, split.inclusion_material, params.data.voxel_size_mm, size)
+    scanner = XctScanner(data.scanners[split.scanner], split.alloy, split.inclusion_material, data.voxel_size_mm, size)
     return scanner.scan
 
 
 def simulate_splits(
-    params: Params, phantoms: Path, root: Path, *, seed: int | None = None, splits: Iterable[str] | None = None
+    data: DataConfig, seed: int, phantoms: Path, root: Path, *, splits: Iterable[str] | None = None
 ) -> Iterator[Path]:
     """Render (synthetic) or scan (real) every phantom of each split into data/<kind>/<split>/."""
-    seed = params.seed if seed is None else seed
-    data = params.data
-    for name, split in _selected(params, splits).items():
+    for name, split in _selected(data, splits).items():
         source_dir = Path(phantoms) / name
         sources = [source_dir / f"{name}_{i:03d}.h5" for i in range(split.volumes)]
         target_dir = split_folder(root, name, split)
@@ -130,7 +127,7 @@ def simulate_splits(
                 if _is_current(target, stamp):
                     yield target
                     continue
-                imager = imager or _imager(params, split, phantom.shape[-1])
+                imager = imager or _imager(data, split, phantom.shape[-1])
                 rng = volume_rng(seed, name, index, "scan")
                 attrs = {
                     "kind": split.kind, "split": name, "material": split.alloy, "inclusion_material": split.inclusion_material,

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from xctsam.config.params import Params
+from xctsam.config.train import FinetuneConfig
 from xctsam.data.datasets import SliceRef, sample_slices
 from xctsam.data.tiles import SegmentationTiles, volume_refs
 from xctsam.eval.holdout import (
@@ -36,7 +37,8 @@ from xctsam.eval.holdout import (
     evaluation_volumes,
     finetune_volume_paths,
 )
-from xctsam.train.loop import TrainResult, process_rank, train_segmenter, whole_slice_batches
+from xctsam.train.loop import TrainResult, process_rank, train_segmenter
+from xctsam.train.validation import whole_slice_batches
 from xctsam.util.errors import ConfigError, InputError
 from xctsam.util.hashing import file_sha256
 
@@ -45,11 +47,11 @@ VARIANT_NAMES: dict[Variant, str] = {"sub": "SAM-FineReal-Sub", "full": "SAM-Fin
 
 
 # ---------------------------------------------------------------- which slices
-def finetune_slices(params: Params, data_root: Path, variant: Variant) -> list[SliceRef]:
+def finetune_slices(config: FinetuneConfig, seed: int, data_root: Path, variant: Variant) -> list[SliceRef]:
     """Every labelled slice of the fine-tuning volumes (full), or a seeded sub_fraction of them (sub)."""
     refs = [
         ref
-        for paths in finetune_volume_paths(params, data_root).values()
+        for paths in finetune_volume_paths(config.volumes, data_root).values()
         for path in paths
         for ref in volume_refs(path)
     ]
@@ -57,8 +59,8 @@ def finetune_slices(params: Params, data_root: Path, variant: Variant) -> list[S
         raise ConfigError("params", PARAMS_KEY, "names no volume: nothing to fine-tune on")
     if variant == "full":
         return refs
-    count = max(1, round(params.finetune.sub_fraction * len(refs)))
-    return sample_slices(refs, count, params.seed)
+    count = max(1, round(config.sub_fraction * len(refs)))
+    return sample_slices(refs, count, seed)
 
 
 # ---------------------------------------------------------------- the stage
@@ -97,8 +99,8 @@ def finetune_real(
 
     if variant not in VARIANT_NAMES:
         raise ValueError(f"unknown variant {variant!r} (known: {', '.join(VARIANT_NAMES)})")
-    refs = finetune_slices(params, data_root, variant)
-    check_no_overlap(refs, evaluation_volumes(params, data_root))
+    refs = finetune_slices(params.finetune, params.seed, data_root, variant)
+    check_no_overlap(refs, evaluation_volumes(params.finetune.volumes, params.eval.splits, data_root))
     model, window, base_meta = load_segmenter(Path(base))
     if base_meta["kind"] != "sam":
         raise InputError(

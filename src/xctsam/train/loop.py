@@ -27,11 +27,10 @@ are averaged by DistributedDataParallel, and only rank 0 validates, logs and wri
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,22 +38,18 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from xctsam import CLASS_NAMES, NUM_CLASSES
 from xctsam.config.train import TrainConfig
-from xctsam.data.datasets import IntensityWindow, SliceRef, sample_slices
-from xctsam.data.tiles import ContextReader, read_context
-from xctsam.eval.metrics import ConfusionCounter, iou_dice, mean_defined
 from xctsam.models.base import Segmenter
 from xctsam.models.checkpoint import STATE_FORMAT, save_segmenter_checkpoint
 from xctsam.train.checkpoint import capture_rng, restore_rng, seed_everything, training_fingerprint
-from xctsam.train.optimisation import Optimised, Precision, choose_precision
 from xctsam.train.runtime import Runtime, deterministic_on_cpu, start_runtime
 from xctsam.train.runtime import (
     process_rank as process_rank,  # re-exported: callers seed samplers by rank
 )
+from xctsam.train.trainer import Trainer
+from xctsam.train.validation import ValidationSource, to_device, validation_scores
 from xctsam.util.finite import check_weights
 from xctsam.util.jsonfile import write_json
-from xctsam.util.optim import adamw
 from xctsam.util.resumable import Engine, Job, LossWindow, Outcome, StateFile
 
 log = logging.getLogger(__name__)
@@ -64,10 +59,7 @@ BEST = "best.pt"
 SUMMARY = "training.json"
 LOG_EVERY = 10  # steps between train.* metric reports (means over those steps)
 WINDOWED = ("loss", "aux_loss", "grad_norm")  # of Trainer.step: what the train.* reports average
-POLY_POWER = 0.9
 
-ArrayLike = np.ndarray | torch.Tensor
-ValidationSource = Sequence[tuple[ArrayLike, ArrayLike]] | Callable[[], Iterable[tuple[ArrayLike, ArrayLike]]]
 MetricsLogger = Callable[[dict[str, float], int], None]
 EpochHook = Callable[[dict[str, float], int], None]  # (validation scores, step); may raise to stop training
 
@@ -89,97 +81,6 @@ class TrainResult:
     history: list[dict[str, Any]]  # one entry per validated epoch
     completed: bool = True  # False when `stop_after` ended the call before the end
     resumed_from: int = 0  # step this call started at
-
-
-# ---------------------------------------------------------------- schedule
-def lr_factor(step: int, steps: int, warmup_steps: int, schedule: str) -> float:
-    """Multiplier of the base LR for optimiser step `step` (0-based).
-
-    Linear warm-up reaching 1 at step warmup_steps - 1, then cosine (or (1 - t)^0.9) from 1 at
-    step warmup_steps to 0 at step `steps` (one past the last step, so no step is wasted at 0).
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "poly":
-        return (1.0 - progress) ** POLY_POWER
-    raise ValueError(f"unknown LR schedule {schedule!r} (cosine or poly)")
-
-
-# ---------------------------------------------------------------- the optimiser step
-class Trainer(Optimised):
-    """Model, optimiser, schedule and scaler, and one training step."""
-
-    def __init__(self, model: Segmenter, config: TrainConfig, runtime: Runtime) -> None:
-        model = model.to(runtime.device)
-        self.net = runtime.wrap(model)  # what the forward runs through (DDP or the model)
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
-        if not self.trainable:
-            raise ValueError("the model has no trainable parameters")
-        self.config = config
-        self.device = runtime.device
-        factor = functools.partial(lr_factor, steps=config.steps, warmup_steps=config.warmup_steps, schedule=config.schedule)
-        optimizer = adamw(self.trainable, config.lr, config.weight_decay)
-        super().__init__(model, optimizer, factor, choose_precision(runtime.device), self.trainable, config.grad_clip)
-
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """One optimiser step; returns the loss, its task and auxiliary terms, LR used and pre-clip gradient norm."""
-        self.model.train()
-        lr = self.lr
-        with self.precision.autocast():
-            outputs = self.net(images)
-            auxiliary = self.model.auxiliary_loss()
-            task = self.model.loss(outputs, labels)
-            loss = task + auxiliary
-        grad_norm = self.update(loss)
-        return {"loss": loss.item(), "task_loss": float(task.detach().float()), "aux_loss": float(auxiliary.detach().float()), "lr": lr, "grad_norm": grad_norm}
-
-
-def as_tensor(array: ArrayLike, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    if isinstance(array, np.ndarray):
-        array = np.ascontiguousarray(array)  # crops of a slice are strided views
-    return torch.as_tensor(array).to(device, dtype)
-
-
-def to_device(images: ArrayLike, labels: ArrayLike, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return as_tensor(images, device, torch.float32), as_tensor(labels, device, torch.long)
-
-
-# ---------------------------------------------------------------- validation
-def validation_scores(model: Segmenter, source: ValidationSource, precision: Precision) -> dict[str, float]:
-    """val.miou and val.iou.<class> of whole slices, from confusion counts pooled over all of them.
-
-    `source`: (images, labels) pairs, or a callable returning them afresh (a one-shot iterator
-    would be spent after the first epoch).
-
-    Slices go to the model at full size: every Segmenter returns outputs at its input size
-    (the U-Net pads internally, SAM resizes to its image size).
-    """
-    counter = ConfusionCounter(NUM_CLASSES)
-    batches = source() if callable(source) else source
-    model.eval()
-    with torch.no_grad(), precision.autocast():
-        for images, labels in batches:
-            outputs = model(as_tensor(images, precision.device, torch.float32))
-            predicted = model.to_labels(model.probabilities(outputs))
-            counter.update(predicted, labels)
-    iou, _ = iou_dice(counter.matrix)
-    return {"val.miou": mean_defined(iou), **{f"val.iou.{name}": float(value) for name, value in zip(CLASS_NAMES, iou)}}
-
-
-def whole_slice_batches(refs: Sequence[SliceRef], window: IntensityWindow, context: int, count: int, seed: int) -> Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]:
-    """A validation source: `count` seeded slices of `refs`, read afresh one by one at each call
-    (whole slices with their 2.5D context, normalised by `window`), so none sits in memory."""
-    chosen = sample_slices(refs, count, seed)
-
-    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        with ContextReader() as reader:
-            for ref in chosen:
-                yield window.normalise(read_context(reader, ref, context))[None], reader.labels(ref)[None]
-
-    return batches
 
 
 # ---------------------------------------------------------------- bookkeeping that a resume restores

@@ -9,17 +9,12 @@ from typing import Any
 from xctsam.config.params import Params
 from xctsam.config.train import TrainConfig
 from xctsam.data.datasets import IntensityWindow
+from xctsam.data.split_folders import folders_digest
 from xctsam.data.tiles import SegmentationTiles, validation_slices
-from xctsam.data.volumes import folders_digest
 from xctsam.models.base import Segmenter, trainable_parameters
 from xctsam.models.factory import ModelKind, build_segmenter, model_meta
-from xctsam.train.loop import (
-    TrainResult,
-    ValidationSource,
-    process_rank,
-    train_segmenter,
-    whole_slice_batches,
-)
+from xctsam.train.loop import TrainResult, process_rank, train_segmenter
+from xctsam.train.validation import ValidationSource, whole_slice_batches
 
 
 @dataclass
@@ -44,9 +39,10 @@ def prepare_training(kind: ModelKind, params: Params, data_root: Path) -> Prepar
     split_dirs = [Path(data_root) / split for split in config.splits]
     train_refs, val_refs = validation_slices(split_dirs, config.val_volumes)
     window = IntensityWindow.measure(train_refs, seed=params.seed)
-    model = build_segmenter(kind, params)
+    architecture = params.sam if kind == "sam" else params.unet
+    model = build_segmenter(kind, architecture, config)
     # the data's content is part of the model's identity: new data, new training
-    meta = {**model_meta(kind, params, window), "data": folders_digest(split_dirs)}
+    meta = {**model_meta(kind, architecture, config, window), "data": folders_digest(split_dirs)}
     if kind == "sam":  # the foundation's content too: a new stand-in (same path) means a new training
         from xctsam.models.foundation import describe_foundation
 

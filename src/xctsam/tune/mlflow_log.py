@@ -16,7 +16,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from xctsam.tune.trials import retry_of
 from xctsam.util import tracking
 
 STUDY_TAG = "xctsam.tune.study"
@@ -66,15 +65,14 @@ def parent_run(study: Any, storage_label: str, logged: Mapping[str, Any]) -> str
 class TrialRun:
     """The child run of one trial: params when it starts, metrics as it trains, state at the end."""
 
-    def __init__(self, parent_id: str, trial: Any, values: Mapping[str, Any], study_name: str) -> None:
+    def __init__(self, parent_id: str, trial: Any, values: Mapping[str, Any], study_name: str, retry_of: int | None = None) -> None:
         self.client = _client()
         self.parent_id = parent_id
         self.number = trial.number
         experiment_id = self.client.get_run(parent_id).info.experiment_id
         tags = {"mlflow.parentRunId": parent_id, STUDY_TAG: study_name, "stage": "tune_trial", "optuna.trial_number": str(trial.number)}
-        retried = retry_of(trial)
-        if retried is not None:
-            tags["optuna.retry_of"] = str(retried)
+        if retry_of is not None:  # the trial a dead worker left, which this one repeats
+            tags["optuna.retry_of"] = str(retry_of)
         self.run_id = self.client.create_run(experiment_id, run_name=f"trial {trial.number}", tags=tags).info.run_id
         trial.set_user_attr(RUN_ATTR, self.run_id)
         for key, value in {**values, "trial_number": trial.number}.items():

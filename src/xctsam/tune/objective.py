@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from xctsam.config.params import Params
 from xctsam.tune.space import apply_values
-from xctsam.tune.trials import retry_of
 
 if TYPE_CHECKING:
     from xctsam.tune.mlflow_log import TrialRun
@@ -52,8 +51,11 @@ class Objective:
     data_root: Path
     trials_dir: Path
 
-    def __call__(self, trial: Any, values: dict[str, Any], run: TrialRun) -> float:
-        """Train with `values` (drawn by space.suggest) logging to `run`; raises optuna.TrialPruned."""
+    def __call__(self, trial: Any, values: dict[str, Any], run: TrialRun, retry_of: int | None = None) -> float:
+        """Train with `values` (drawn by space.suggest) logging to `run`; raises optuna.TrialPruned.
+
+        A retry (`retry_of`: the dead trial's number) resumes in that trial's checkpoint folder.
+        """
         import optuna
 
         from xctsam.train.loop import train_segmenter
@@ -73,8 +75,7 @@ class Objective:
 
         job = prepare_training(tune.model, chosen, self.data_root)
         run.log_metrics(job.model_counts(), 0)
-        origin = retry_of(trial)
-        origin = trial.number if origin is None else origin
+        origin = trial.number if retry_of is None else retry_of
         with job.sampler:
             result = train_segmenter(
                 job.model, job.sampler, job.validation, job.config, self.trials_dir / f"trial-{origin}",

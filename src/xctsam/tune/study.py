@@ -32,6 +32,7 @@ from typing import Any
 
 from xctsam.config.params import Params, load_params
 from xctsam.config.tune import TuneConfig
+from xctsam.tune.trials import heartbeat, retry_of, trial_id
 from xctsam.util import tracking
 from xctsam.util.errors import XctsamError
 from xctsam.util.interrupt import STOPPED, Interrupted, signals_raise
@@ -242,7 +243,7 @@ def _claim(study: Any, storage: Any, cap: int) -> Any:
         trial = study.ask()
         # a heartbeat from the start: a worker dying before its trial's heartbeat thread runs
         # would otherwise leave a trial RUNNING that no one can ever fail
-        storage.record_heartbeat(trial._trial_id)
+        storage.record_heartbeat(trial_id(storage, study.study_name, trial.number))
         return trial
 
 
@@ -271,7 +272,7 @@ def run_worker(spec: WorkerSpec) -> WorkerReport:
             if trial == "wait":
                 time.sleep(params.tune.heartbeat_seconds)
                 continue
-            report.trials[trial.number] = _run_trial(study, trial, objective, parent, spec)
+            report.trials[trial.number] = _run_trial(study, opened.storage, trial, objective, parent, spec)
     except BaseException as exc:
         error = exc
         raise
@@ -280,7 +281,7 @@ def run_worker(spec: WorkerSpec) -> WorkerReport:
     return report
 
 
-def _run_trial(study: Any, trial: Any, objective: Any, parent: str, spec: WorkerSpec) -> str:
+def _run_trial(study: Any, storage: Any, trial: Any, objective: Any, parent: str, spec: WorkerSpec) -> str:
     """Train one claimed trial under a heartbeat, tell the study, close its MLflow run; its final state.
 
     A failing trial stops the worker (raised after it is told), as Study.optimize does: a bug
@@ -288,9 +289,6 @@ def _run_trial(study: Any, trial: Any, objective: Any, parent: str, spec: Worker
     run resumes it from its checkpoint.
     """
     import optuna
-    from optuna.storages._heartbeat import (
-        get_heartbeat_thread,  # the heartbeat thread Study.optimize runs
-    )
     from optuna.trial import TrialState
 
     from xctsam.tune.mlflow_log import TrialRun
@@ -298,11 +296,13 @@ def _run_trial(study: Any, trial: Any, objective: Any, parent: str, spec: Worker
 
     tune = objective.params.tune
     state, value, error, run, values = TrialState.FAIL, None, None, None, {}
-    with get_heartbeat_thread(trial._trial_id, study._storage):
+    claimed = trial_id(storage, spec.study_name, trial.number)
+    retried = retry_of(storage, claimed)
+    with heartbeat(storage, claimed):
         try:
             values = suggest(trial, tune.space)
-            run = TrialRun(parent, trial, values, spec.study_name)
-            value = objective(trial, values, run)
+            run = TrialRun(parent, trial, values, spec.study_name, retried)
+            value = objective(trial, values, run, retried)
             state = TrialState.COMPLETE
         except optuna.TrialPruned as exc:
             state = TrialState.PRUNED
@@ -317,7 +317,7 @@ def _run_trial(study: Any, trial: Any, objective: Any, parent: str, spec: Worker
     if run is not None:
         run.finish(frozen.state.name, frozen.value if frozen.state == TrialState.COMPLETE else None, error)
     if isinstance(error, STOPPED):
-        RetryDeadTrial(tune.max_retry).retry(study, study._storage.get_trial(trial._trial_id))
+        RetryDeadTrial(tune.max_retry).retry(study, storage.get_trial(claimed))
     if error is not None:
         raise error
     return frozen.state.name

@@ -1,0 +1,133 @@
+"""`xctsam predict` (a root command) and `xctsam eval`: segment a volume, score models and data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from xctsam.cli.common import DataRootOption, ParamsOption, SeedOption, _with_seed, app
+
+eval_app = typer.Typer(help="Evaluate: FID of splits, (later) segmentation metrics.", no_args_is_help=True)
+
+
+# ---------------------------------------------------------------- predict
+@app.command("predict")
+def predict(
+    volume: Annotated[Path, typer.Argument(help="Volume file (.h5) to segment.")],
+    model: Annotated[Path, typer.Option(help="Trained model (best.pt of `xctsam train`).")] = Path("models/sam/best.pt"),
+    out: Annotated[Path, typer.Option(help="Output: .h5 (image + labels) or .tif (labels).")] = Path("prediction.h5"),
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Segment a whole volume: overlapping tiles, Gaussian blending, streamed slice by slice."""
+    from xctsam.config.params import load_params
+    from xctsam.eval.predict import predict_file
+    from xctsam.models.factory import load_segmenter
+
+    segmenter, window, meta = load_segmenter(model)
+    print(predict_file(segmenter, volume, window, load_params(params).predict, out, attrs={"model": str(model), "model_kind": meta["kind"]}))
+
+
+# ---------------------------------------------------------------- eval
+ModelsOption = Annotated[list[str], typer.Option("--model", help="NAME=PATH of a trained model (repeatable).")]
+DEFAULT_MODELS = ["SAM-GAN=models/sam/best.pt", "U-Net=models/unet/best.pt"]
+
+
+def _named_models(models: list[str]) -> dict[str, Path]:
+    named = {}
+    for item in models:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"'{item}' is not NAME=PATH", param_hint="--model")
+        named[name] = Path(path)
+    return named
+
+
+@eval_app.command("models")
+def eval_models(
+    model: ModelsOption = ["sam=models/sam/best.pt", "unet=models/unet/best.pt"],  # noqa: B006
+    params: ParamsOption = Path("params.yaml"),
+    root: DataRootOption = Path("data"),
+    out: Annotated[Path, typer.Option(help="Metrics file (JSON).")] = Path("metrics/eval.json"),
+) -> None:
+    """Score every model on every eval.splits split: IoU and Dice per class, mIoU."""
+    import json
+
+    from xctsam.config.params import load_params
+    from xctsam.eval.evaluate import evaluate_models
+    from xctsam.models.factory import load_segmenter
+
+    config = load_params(params)
+    loaded = {name: load_segmenter(path)[:2] for name, path in _named_models(model).items()}
+    report = evaluate_models(loaded, config, root, out)
+    print(json.dumps({"miou": report["miou"]}, indent=2))
+
+
+@eval_app.command("zero-shot")
+def eval_zero_shot(
+    params: ParamsOption = Path("params.yaml"),
+    root: DataRootOption = Path("data"),
+    out: Annotated[Path, typer.Option(help="Metrics file (JSON, laid out like eval.json).")] = Path("metrics/zero_shot/default.json"),
+    checkpoint: Annotated[Path | None, typer.Option(help="Pretrained SAM to score (default: params sam.checkpoint).")] = None,
+) -> None:
+    """A pretrained SAM with a box per ground-truth component, before any XCT training."""
+    import json
+
+    from xctsam.config.params import load_params
+    from xctsam.pretrain.zero_shot import zero_shot
+
+    report = zero_shot(load_params(params), root, out, checkpoint=checkpoint)
+    print(json.dumps({"miou": report["miou"]}, indent=2))
+
+
+@eval_app.command("fid")
+def eval_fid(
+    params: ParamsOption = Path("params.yaml"),
+    root: DataRootOption = Path("data"),
+    out: Annotated[Path, typer.Option(help="Metrics file (JSON).")] = Path("metrics/fid.json"),
+    seed: SeedOption = None,
+) -> None:
+    """FID of each test split (and each fid.pairs entry) against the training set."""
+    import json
+
+    from xctsam.config.params import load_params
+    from xctsam.eval.fid import compute_fid
+
+    result = compute_fid(_with_seed(load_params(params), seed), root, out)
+    print(json.dumps(result, indent=2))
+
+
+@eval_app.command("forgetting")
+def eval_forgetting(
+    model: ModelsOption = ["SAM-GAN=models/sam/best.pt", "SAM-FineReal-Sub=models/finetune_sub/best.pt", "SAM-FineReal=models/finetune_full/best.pt"],  # noqa: B006
+    params: ParamsOption = Path("params.yaml"),
+    root: DataRootOption = Path("data"),
+    out: Annotated[Path, typer.Option(help="Metrics file (JSON).")] = Path("metrics/forgetting.json"),
+) -> None:
+    """IoU after minus before re-fine-tuning (per variant, split, class; mean over splits)."""
+    import json
+
+    from xctsam.config.params import load_params
+    from xctsam.eval.forgetting import evaluate_forgetting
+
+    report = evaluate_forgetting(load_params(params), root, _named_models(model), out)
+    print(json.dumps({variant: deltas["mean"] for variant, deltas in report["deltas"].items()}, indent=2))
+
+
+@eval_app.command("robustness")
+def eval_robustness(
+    model: ModelsOption = DEFAULT_MODELS,  # noqa: B006
+    params: ParamsOption = Path("params.yaml"),
+    root: DataRootOption = Path("data"),
+    out: Annotated[Path, typer.Option(help="IoU per noise level (JSON rows, a DVC plot).")] = Path("plots/robustness.json"),
+    png_dir: Annotated[Path, typer.Option(help="Folder for a PNG per split and class.")] = Path("reports/robustness"),
+) -> None:
+    """IoU per class as Gaussian and Poisson noise grow on robustness.splits, for each model."""
+    from xctsam.config.params import load_params
+    from xctsam.eval.robustness import evaluate_robustness
+    from xctsam.models.factory import load_segmenter
+
+    loaded = {name: load_segmenter(path)[:2] for name, path in _named_models(model).items()}
+    rows = evaluate_robustness(loaded, load_params(params), root, out, png_dir)
+    print(f"{len(rows)} rows -> {out}; plots in {png_dir}")
