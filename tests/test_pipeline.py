@@ -63,6 +63,26 @@ def test_same_seed_same_data_and_resume_skips_finished_volumes(made: Path) -> No
         np.testing.assert_array_equal(volume.image(), first)  # remade identically
 
 
+def test_the_data_stages_write_the_same_bytes_twice(tmp_path: Path, tiny_params: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same params and seed, made again later in another project folder: every file
+    byte-identical, so DVC hashes and data.* MLflow tags change only when the data does (HDF5
+    stamps creation times unless told not to). Paths are relative, as dvc.yaml's are: a scan
+    records the phantom file it was made from."""
+    split_args = [arg for split in TINY_SPLITS for arg in ("--split", split)]
+    for project in ("first", "again"):
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / project).mkdir()
+        write_params(tmp_path / project / "params.yaml", tiny_params)
+        monkeypatch.chdir(tmp_path / project)
+        _run(["data", "phantoms", "--out", "phantoms", *split_args])
+        _run(["data", "simulate", "--phantoms", "phantoms", "--root", "data", *split_args])
+    first, again = tmp_path / "first", tmp_path / "again"
+    made = sorted(path.relative_to(first) for folder in ("phantoms", "data") for path in (first / folder).rglob("*") if path.is_file())
+    assert len(made) >= 2 * len(TINY_SPLITS) and any(path.suffix == ".h5" for path in made)
+    for relative in made:
+        assert (again / relative).read_bytes() == (first / relative).read_bytes(), relative
+
+
 def test_other_seed_other_phantoms(made: Path) -> None:
     params = str(made / "params.yaml")
     _run(["data", "phantoms", "-p", params, "--out", str(made / "other"), "--split", "Te-3", "--seed", "7"])

@@ -36,8 +36,10 @@ _JSON_PREFIX = "json:"
 # Images: lzf decodes ~2x faster than gzip-1 (training reads 5-slice context slabs per tile;
 # measured 9.5 vs 22 ms per 5 slices of 512x512) at ~10% more disk. h5py reads it anywhere;
 # other HDF5 tools need the lzf filter plugin. Labels compress ~50x with gzip and are cheap.
-_IMAGE_COMPRESSION = {"compression": "lzf"}
-_LABEL_COMPRESSION = {"compression": "gzip", "compression_opts": 1}
+# track_times=False: HDF5 stamps every dataset with its creation time by default, so the same
+# volume written twice would differ byte for byte (and with it every DVC hash of a split).
+_IMAGE_DATASET = {"compression": "lzf", "track_times": False}
+_LABEL_DATASET = {"compression": "gzip", "compression_opts": 1, "track_times": False}
 
 
 # ---------------------------------------------------------------- validation
@@ -115,9 +117,9 @@ class VolumeWriter:
         self._stack.push(self._sink.close)  # after HDF5 has closed (the stack unwinds in reverse)
         self._file = self._stack.enter_context(h5py.File(self._sink, "w"))
         chunk = (1, *self.shape[1:])
-        self._image = self._file.create_dataset(IMAGE, shape=self.shape, dtype=np.float32, chunks=chunk, **_IMAGE_COMPRESSION)
+        self._image = self._file.create_dataset(IMAGE, shape=self.shape, dtype=np.float32, chunks=chunk, **_IMAGE_DATASET)
         self._labels = (
-            self._file.create_dataset(LABELS, shape=self.shape, dtype=np.uint8, chunks=chunk, **_LABEL_COMPRESSION) if self.labelled else None
+            self._file.create_dataset(LABELS, shape=self.shape, dtype=np.uint8, chunks=chunk, **_LABEL_DATASET) if self.labelled else None
         )
         for key, value in self.attrs.items():
             self._file.attrs[key] = _encode_attr(value)
