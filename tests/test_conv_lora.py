@@ -1,18 +1,24 @@
-"""Conv-LoRA on tiny shapes: identity at B = 0, parameter counts, gradients, gating, balance loss."""
+"""Conv-LoRA on tiny shapes: identity at B = 0, parameter counts, gradients, gating, balance loss,
+and the AutoGluon reference preset (configs/conv-lora-reference.yaml)."""
 
 from __future__ import annotations
 
 import copy
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from xctsam.config.params import load_params, parse_params
 from xctsam.config.sam import ConvLoraConfig, SamConfig, SmallSamConfig
 from xctsam.models.conv_lora import (
     ConvExpertMixture,
     ConvLoRAQKV,
+    ScaledConvExpert,
     balance_loss,
     collect_balance_loss,
     cv_squared,
@@ -20,6 +26,11 @@ from xctsam.models.conv_lora import (
     smooth_load,
 )
 from xctsam.models.sam_builder import build_sam
+from xctsam.models.sam_peft import PeftSam
+from xctsam.params_file import apply_overlay, read_overlay
+from xctsam.util.errors import ConfigError
+
+from .conftest import REPO
 
 DIM = 16
 
@@ -245,3 +256,127 @@ def test_collect_balance_loss_is_the_mean_over_blocks() -> None:
 def test_adapter_refuses_a_flat_token_sequence() -> None:
     with pytest.raises(ValueError, match=r"\(N, H, W, C\)"):
         _adapter()(torch.randn(2, 36, DIM))
+
+
+# ---------------------------------------------------------------- the AutoGluon reference preset
+PRESET = REPO / "configs" / "conv-lora-reference.yaml"
+
+
+def _preset_lora() -> ConvLoraConfig:
+    return ConvLoraConfig(**read_overlay(PRESET)["sam.lora"])
+
+
+def test_defaults_keep_bilinear_area_resizes_and_the_mean_over_blocks() -> None:
+    default = ConvLoraConfig()
+    assert (default.interpolation, default.balance_reduction) == ("bilinear_area", "mean")
+    assert load_params(REPO / "params.yaml").sam.lora == default  # the embedded default
+    torch.manual_seed(0)
+    expert = ScaledConvExpert(2, scale=3)
+    grid = torch.randn(2, 2, 5, 7)
+    up = F.interpolate(grid, scale_factor=3, mode="bilinear", align_corners=False)
+    today = F.interpolate(F.gelu(expert.conv(up)), size=(5, 7), mode="area")
+    assert torch.equal(expert(grid), today)
+    bicubic = ScaledConvExpert(2, scale=3, interpolation="bicubic")
+    bicubic.load_state_dict(expert.state_dict())
+    assert not torch.allclose(bicubic(grid), today, atol=1e-3)
+
+
+def test_reference_preset_applies_to_params_yaml_and_loads(tmp_path: Path) -> None:
+    params = Path(shutil.copy2(REPO / "params.yaml", tmp_path / "params.yaml"))
+    changed = apply_overlay(params, PRESET)
+    assert list(changed) == ["sam.lora"]
+    loaded, original = load_params(params), load_params(REPO / "params.yaml")
+    assert loaded.sam.lora == _preset_lora()
+    assert (loaded.sam.lora.rank, loaded.sam.lora.experts, loaded.sam.lora.top_k) == (2, 8, 1)
+    assert loaded.sam.lora.alpha / loaded.sam.lora.rank == 16.0  # AutoGluon's alpha 32 at rank 2
+    assert loaded.sam.lora.interpolation == "bicubic" and loaded.sam.lora.balance_reduction == "sum"
+    assert loaded.sam.lora.gate_scales_output is False
+    # everything but sam.lora as in the repository's params.yaml
+    assert loaded.model_copy(update={"sam": original.sam}) == original
+    assert loaded.sam.model_copy(update={"lora": original.sam.lora}) == original.sam
+
+
+def _autogluon_conv_lora(
+    adapter: ConvLoRAQKV, tokens: torch.Tensor, alpha: float, rank: int
+) -> torch.Tensor:
+    """AutoGluon's ConvLoRALinear.forward (models/conv_lora/adaptation_layers.py), eval mode.
+
+    MoEConv gates top-1 on the pooled bottleneck (no noise outside training); expert i resizes by
+    i with bicubic both ways around conv + GELU; SparseDispatcher.combine with
+    multiply_by_gates=False adds exp(expert output) ungated and takes the log; the result is
+    added to the bottleneck and goes through B, scaled by alpha / r.
+    """
+    result = F.linear(tokens, adapter.base.weight, adapter.base.bias)
+    lora = (tokens @ adapter.lora_a.weight.T).permute(0, 3, 1, 2)  # (N, r, H, W)
+    height, width = lora.shape[-2:]
+    w_gate = adapter.mixture.gate.weight.T  # AutoGluon's (d, M) layout
+    chosen = (lora.mean(dim=(2, 3)) @ w_gate).topk(1, dim=1).indices[:, 0]
+    combined = torch.zeros_like(lora)
+    for sample, index in enumerate(chosen.tolist()):
+        ratio, conv = index + 1, adapter.mixture.experts[index].conv
+        x = lora[sample : sample + 1]
+        if ratio != 1:
+            x = F.interpolate(x, scale_factor=ratio, mode="bicubic")
+        x = F.gelu(F.conv2d(x, conv.weight, conv.bias, padding=1))
+        if ratio != 1:
+            x = F.interpolate(x, size=(height, width), mode="bicubic")
+        combined[sample] += x[0].exp()
+    lora = lora + combined.log()
+    return result + (lora.permute(0, 2, 3, 1) @ adapter.lora_b.weight.T) * (alpha / rank)
+
+
+def test_preset_layer_equals_the_autogluon_formulas_on_a_fixed_input() -> None:
+    lora = _preset_lora()
+    torch.manual_seed(0)
+    adapter = ConvLoRAQKV(nn.Linear(DIM, 3 * DIM), lora).double().eval()
+    with torch.no_grad():
+        adapter.lora_b.weight.normal_()
+        adapter.mixture.gate.weight.normal_(std=3.0)  # varied routing instead of the zero init
+    tokens = _tokens(batch=8).double()
+    with torch.no_grad():
+        ours = adapter(tokens)
+        reference = _autogluon_conv_lora(adapter, tokens, alpha=32.0, rank=2)
+        chosen = adapter.mixture.route(adapter.lora_a(tokens).permute(0, 3, 1, 2).mean(dim=(2, 3)))
+    upsampling = set(chosen.routed.nonzero()[:, 1].tolist()) - {0}
+    assert len(upsampling) >= 2  # several of the bicubic experts in use
+    assert torch.allclose(ours, reference, atol=1e-6, rtol=0)
+    # the interpolation is what makes it match: the default resizes give another output
+    today = ConvLoRAQKV(
+        nn.Linear(DIM, 3 * DIM), lora.model_copy(update={"interpolation": "bilinear_area"})
+    )
+    today = today.double().eval()
+    today.load_state_dict(adapter.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(today(tokens), reference, atol=1e-3)
+
+
+def test_summed_balance_loss_is_depth_times_the_mean() -> None:
+    small = SmallSamConfig(
+        embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=8
+    )
+    images = torch.rand(2, 1, 32, 32)
+    auxiliary = {}
+    for reduction in ("mean", "sum"):
+        lora = ConvLoraConfig(rank=2, experts=3, balance_weight=0.5, balance_reduction=reduction)
+        torch.manual_seed(0)
+        model = PeftSam(SamConfig(small=small, lora=lora)).train()
+        torch.manual_seed(1)  # the same gate noise for both
+        model(images)
+        blocks = [float(a.mixture.last_balance_loss.detach()) for a in model.network.adapters]
+        auxiliary[reduction] = float(model.auxiliary_loss().detach())
+    assert len(blocks) == 2 and any(value > 0 for value in blocks)
+    assert auxiliary["sum"] == pytest.approx(0.5 * sum(blocks))
+    assert auxiliary["sum"] == pytest.approx(2 * auxiliary["mean"])
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("interpolation", "nearest"), ("balance_reduction", "max")]
+)
+def test_bad_reference_choice_is_named_by_its_dotted_key(
+    default_params: dict, key: str, value: str
+) -> None:
+    default_params["sam"]["lora"][key] = value
+    with pytest.raises(ConfigError) as caught:
+        parse_params(default_params, "params.yaml")
+    assert caught.value.key == f"sam.lora.{key}"
+    assert str(caught.value).startswith(f"params.yaml: sam.lora.{key}: unknown value '{value}'")

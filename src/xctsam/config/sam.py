@@ -36,12 +36,20 @@ class ConvLoraConfig(StrictModel):
     """Conv-LoRA on every image-encoder block's fused qkv projection."""
 
     rank: Annotated[Int, Field(ge=1)] = 4
-    alpha: PositiveFloat = 4.0  # LoRA scale is alpha / rank
+    alpha: PositiveFloat = 4.0  # LoRA scale is alpha / rank (AutoGluon's SAM preset: 32)
     experts: Annotated[Int, Field(ge=1)] = 4  # expert i works at scale i (resize up by i)
     top_k: Annotated[Int, Field(ge=1)] = 1
     gate_noise: NonNegativeFloat = 1.0  # noisy top-k gating during training
     balance_weight: NonNegativeFloat = 0.01  # weight of the load-balancing loss
     gate_scales_output: bool = True  # the gate value scales the chosen expert, so the task trains the gate too
+    # How expert i resizes the bottleneck up by i and back. bilinear_area: bilinear up, area (the
+    # mean of each i x i cell) down, which does not alias. bicubic: bicubic both ways, as
+    # AutoGluon's Conv-LoRA (the study's code) does; configs/conv-lora-reference.yaml sets it.
+    interpolation: Literal["bilinear_area", "bicubic"] = "bilinear_area"
+    # How the blocks' balance losses combine. mean: balance_weight means the same at any encoder
+    # depth. sum: as AutoGluon's SAM encoder adds up its blocks' losses (depth x the mean: 12x on
+    # vit_b, 32x on vit_h), so the study's balance weight is reproduced at its own strength.
+    balance_reduction: Literal["mean", "sum"] = "mean"
 
     @model_validator(mode="after")
     def _top_k_within_experts(self) -> ConvLoraConfig:

@@ -11,9 +11,10 @@ fused qkv projection of every block) becomes
   SAM's windowed attention) stay zero in the bottleneck.
 - z is laid out on its token grid (SAM's Attention hands its qkv a (N, H, W, C) grid: images,
   or windows of them), and MoE(z) is added residually. Expert i (1-based) works at scale i:
-  bilinear resize up by i, 3x3 conv r -> r (with bias), GELU, area resize back to H x W. Larger
-  scales see finer detail of the bottleneck: the convolution injects the local image prior
-  plain ViT attention lacks.
+  resize up by i, 3x3 conv r -> r (with bias), GELU, resize back to H x W. Larger scales see
+  finer detail of the bottleneck: the convolution injects the local image prior plain ViT
+  attention lacks. `interpolation`: bilinear up and area down (default; area averages each
+  i x i cell, so the way down does not alias), or bicubic both ways as AutoGluon does.
 - A gate on the spatially pooled bottleneck picks the top-k experts per sample (per window in
   windowed blocks): noisy top-k gating (Shazeer et al. 2017), Gaussian noise with a learned
   std (softplus of a second linear map, times `gate_noise`) during training only. Gate and
@@ -28,7 +29,15 @@ fused qkv projection of every block) becomes
 - Load-balancing loss: cv^2(importance) + cv^2(load), importance = the batch sum of each
   expert's gate values, load = the number of samples routed to each expert, or Shazeer's smooth
   estimate of it (probability of being in the top k under the noise) when noise is on and
-  k < E. It is stored on each mixture after its forward and gathered by `collect_balance_loss`.
+  k < E. It is stored on each mixture after its forward and gathered by `collect_balance_loss`:
+  the mean over blocks by default, or the sum as AutoGluon's SAM encoder does
+  (`balance_reduction`; depth x the mean, e.g. 12x on vit_b).
+
+configs/conv-lora-reference.yaml sets AutoGluon's choices (models/conv_lora/ of
+autogluon.multimodal, the study's code): bicubic, alpha 32, summed balance loss, 8 experts,
+top-1, ungated. What it still does not reproduce: AutoGluon's gate values are the softmax over
+the kept k (constantly 1 at top-1, so its importance term counts samples), and its expert conv
+biases start at zero.
 
 Trainable parameters per adapted layer (dim d in, 3d out, rank r, E experts):
     d*r (A) + 3d*r (B) + E*(9r^2 + r) (experts) + r*E (gate) + r*E (noise; only if gate_noise > 0)
@@ -37,7 +46,7 @@ Trainable parameters per adapted layer (dim d in, 3d out, rank r, E experts):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,15 +56,29 @@ from xctsam.config.sam import ConvLoraConfig
 
 NOISE_FLOOR = 1e-2  # Shazeer et al.'s noise epsilon: the std never collapses to exactly 0
 _CV_EPS = 1e-10
+# params `sam.lora.interpolation` -> (mode up, mode down) of F.interpolate
+RESIZE_MODES: dict[str, tuple[str, str]] = {
+    "bilinear_area": ("bilinear", "area"),
+    "bicubic": ("bicubic", "bicubic"),
+}
+
+
+def _resize(grid: torch.Tensor, mode: str, **size_or_scale: object) -> torch.Tensor:
+    # align_corners exists only for the interpolating modes; False is also their default
+    corners = None if mode == "area" else False
+    return F.interpolate(grid, mode=mode, align_corners=corners, **size_or_scale)
 
 
 # ---------------------------------------------------------------- experts
 class ScaledConvExpert(nn.Module):
-    """Resize up by `scale` (bilinear), 3x3 conv, GELU, resize back (area averaging)."""
+    """Resize up by `scale`, 3x3 conv, GELU, resize back (modes: RESIZE_MODES[interpolation])."""
 
-    def __init__(self, channels: int, scale: int) -> None:
+    def __init__(self, channels: int, scale: int, interpolation: str = "bilinear_area") -> None:
         super().__init__()
         self.scale = scale
+        # bilinear_area: area = the mean of each scale x scale cell, where bilinear down by an
+        # integer factor would sample single pixels and alias; bicubic: AutoGluon's choice
+        self.up_mode, self.down_mode = RESIZE_MODES[interpolation]
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
@@ -63,12 +86,8 @@ class ScaledConvExpert(nn.Module):
         if self.scale == 1:
             return F.gelu(self.conv(grid))
         size = grid.shape[-2:]
-        upsampled = F.interpolate(
-            grid, scale_factor=self.scale, mode="bilinear", align_corners=False
-        )
-        # area = the mean of each scale x scale cell: bilinear down by an integer factor would
-        # sample single pixels and alias
-        return F.interpolate(F.gelu(self.conv(upsampled)), size=size, mode="area")
+        upsampled = _resize(grid, self.up_mode, scale_factor=self.scale)
+        return _resize(F.gelu(self.conv(upsampled)), self.down_mode, size=size)
 
 
 # ---------------------------------------------------------------- gating
@@ -112,7 +131,13 @@ class ConvExpertMixture(nn.Module):
     """E scaled conv experts on a rank-r grid, top-k gated on the pooled grid; adds no residual."""
 
     def __init__(
-        self, rank: int, experts: int, top_k: int, noise: float, gate_scales_output: bool
+        self,
+        rank: int,
+        experts: int,
+        top_k: int,
+        noise: float,
+        gate_scales_output: bool,
+        interpolation: str = "bilinear_area",
     ) -> None:
         super().__init__()
         if not 1 <= top_k <= experts:
@@ -121,7 +146,7 @@ class ConvExpertMixture(nn.Module):
         self.noise_level = float(noise)
         self.gate_scales_output = gate_scales_output
         self.experts = nn.ModuleList(
-            ScaledConvExpert(rank, scale) for scale in range(1, experts + 1)
+            ScaledConvExpert(rank, scale, interpolation) for scale in range(1, experts + 1)
         )
         self.gate = nn.Linear(rank, experts, bias=False)
         nn.init.zeros_(self.gate.weight)
@@ -182,7 +207,12 @@ class ConvLoRAQKV(nn.Module):
         self.lora_b = nn.Linear(config.rank, base.out_features, bias=False)
         nn.init.zeros_(self.lora_b.weight)
         self.mixture = ConvExpertMixture(
-            config.rank, config.experts, config.top_k, config.gate_noise, config.gate_scales_output
+            config.rank,
+            config.experts,
+            config.top_k,
+            config.gate_noise,
+            config.gate_scales_output,
+            config.interpolation,
         )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -212,16 +242,21 @@ def inject_conv_lora(image_encoder: nn.Module, config: ConvLoraConfig) -> list[C
     return adapters
 
 
-def collect_balance_loss(adapters: Sequence[ConvLoRAQKV]) -> torch.Tensor:
-    """Mean over the adapters of their last forward's balance loss (0 before any forward).
+def collect_balance_loss(
+    adapters: Sequence[ConvLoRAQKV], reduction: Literal["mean", "sum"] = "mean"
+) -> torch.Tensor:
+    """Mean (or sum) over the adapters of their last forward's balance loss (0 before any forward).
 
-    A mean, not a sum, so that `balance_weight` means the same for a 4-block small encoder and a
-    32-block vit_h.
+    The mean, by default, so that `balance_weight` means the same for a 4-block small encoder
+    and a 32-block vit_h; the sum is AutoGluon's (params `sam.lora.balance_reduction`).
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"balance_reduction: unknown {reduction!r}; expected mean or sum")
     losses = [
         a.mixture.last_balance_loss for a in adapters if a.mixture.last_balance_loss is not None
     ]
     if not losses:
         device = adapters[0].lora_a.weight.device if adapters else None
         return torch.zeros((), device=device)
-    return torch.stack(losses).mean()
+    stacked = torch.stack(losses)
+    return stacked.sum() if reduction == "sum" else stacked.mean()

@@ -76,6 +76,7 @@ class PromptFreeSam(nn.Module):
             raise ValueError(f"masks: {masks} outside 1..{tokens} (the decoder's mask tokens)")
         self.sam = sam.requires_grad_(False)
         self.masks = masks
+        self.balance_reduction = lora.balance_reduction
         self.adapters: list[ConvLoRAQKV] = inject_conv_lora(sam.image_encoder, lora)
         _make_decoder_trainable(sam, masks)
 
@@ -101,8 +102,9 @@ class PromptFreeSam(nn.Module):
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
     def balance_loss(self) -> torch.Tensor:
-        """Mean Conv-LoRA load-balancing loss over the encoder blocks, from the last forward."""
-        return collect_balance_loss(self.adapters)
+        """The encoder blocks' Conv-LoRA balance losses of the last forward, mean or sum over
+        blocks (params `sam.lora.balance_reduction`)."""
+        return collect_balance_loss(self.adapters, self.balance_reduction)
 
 
 def _make_decoder_trainable(sam: Sam, masks: int) -> None:
