@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -119,8 +120,10 @@ def test_mlflow_run_per_model_has_the_keys_and_no_nan(tmp_path: Path, monkeypatc
     assert "iou.Te-2.inclusion" not in metrics and "dice.Te-2.inclusion" not in metrics
     expected_keys = {f"{prefix}.{split}.{name}" for prefix in ("iou", "dice", "iou_slice") for split in ("Te-1", "Te-2") for name in CLASS_NAMES}
     expected_keys |= {f"{mean}.{split}" for mean in ("miou", "fg_miou", "mdice", "fg_mdice") for split in ("Te-1", "Te-2")}
-    expected_keys -= {"iou.Te-2.inclusion", "dice.Te-2.inclusion", "iou_slice.Te-2.inclusion"}
+    expected_keys |= {f"{bound}.{split}.{name}" for bound in ("iou_low", "iou_high") for split in ("Te-1", "Te-2") for name in CLASS_NAMES}
+    expected_keys -= {f"{prefix}.Te-2.inclusion" for prefix in ("iou", "dice", "iou_slice", "iou_low", "iou_high")}
     assert set(metrics) == expected_keys
+    assert metrics["iou_low.Te-1.pore"] <= metrics["iou.Te-1.pore"] <= metrics["iou_high.Te-1.pore"]
     assert run_params["predict.tile"] == "16" and runs[0].data.tags["model"] == "flat"
 
 
@@ -168,3 +171,65 @@ def test_bad_splits_are_named_before_any_prediction(tmp_path: Path, data_root, t
     with pytest.raises(InputError, match="no labelled volumes"):
         evaluate_models(models, parse_params(tiny_params), root, tmp_path / "c.json", log_mlflow=False, progress=False)
     assert not any((tmp_path / name).exists() for name in ("a.json", "b.json", "c.json"))
+
+
+def test_every_iou_has_an_interval_and_compared_models_a_paired_difference(tmp_path: Path, data_root, tiny_params: dict) -> None:
+    tiny_params["eval"] = {"splits": ["real/Te-1", "real/Te-2"], "compare": [["flat", "wide"], ["flat", "flat"], ["flat", "absent"]], "bootstrap": {"resamples": 300}}
+    tiny_params["predict"] = {"tile": 16, "overlap": 0.25, "batch": 3}
+    models = {"flat": (QuantiseModel(), WINDOWS["flat"]), "wide": (QuantiseModel(context=3), WINDOWS["wide"])}
+    report = evaluate_models(models, parse_params(tiny_params), tmp_path / "data", tmp_path / "eval.json", device="cpu", log_mlflow=False, progress=False)
+    written = json.loads((tmp_path / "eval.json").read_text())
+    for model in models:
+        for split in ("Te-1", "Te-2"):
+            assert written["bootstrap_unit"][model][split] == "slice"  # 2 volumes at most, fewer than min_volumes
+            for cls in ("material", "pore"):
+                low, high = written["iou_ci"][model][split][cls]
+                assert low <= written["iou"][model][split][cls] <= high and low < high
+    assert written["iou_ci"]["flat"]["Te-2"]["inclusion"] == [None, None]  # undefined class, no interval
+    assert set(written["differences"]) == {"flat - wide", "flat - flat"}  # a model not evaluated is skipped
+    difference = written["differences"]["flat - wide"]["Te-1"]["pore"]
+    assert difference["value"] == pytest.approx(written["iou"]["flat"]["Te-1"]["pore"] - written["iou"]["wide"]["Te-1"]["pore"])
+    assert difference["low"] <= difference["value"] <= difference["high"]
+    itself = written["differences"]["flat - flat"]["Te-1"]["pore"]
+    assert itself == {"value": 0.0, "low": 0.0, "high": 0.0, "significant": False}
+    assert written["bootstrap"] == {"resamples": 300, "level": 0.95, "seed": tiny_params["seed"]}
+    again = evaluate_models(models, parse_params(tiny_params), tmp_path / "data", tmp_path / "again.json", device="cpu", log_mlflow=False, progress=False)
+    assert again["iou_ci"] == report["iou_ci"]  # seeded
+
+    tiny_params["eval"]["bootstrap"]["min_volumes"] = 2  # Te-1 has two labelled volumes: resample them
+    by_volume = evaluate_models(models, parse_params(tiny_params), tmp_path / "data", tmp_path / "vol.json", device="cpu", log_mlflow=False, progress=False)
+    assert by_volume["bootstrap_unit"]["flat"] == {"Te-1": "volume", "Te-2": "slice"}
+
+
+def test_defects_of_a_split_are_every_volume_s_defects(tmp_path: Path, data_root, params) -> None:
+    from xctsam.eval.defects import defect_scores
+
+    models = {"flat": (QuantiseModel(), WINDOWS["flat"])}
+    evaluate_models(models, params, tmp_path / "data", tmp_path / "eval.json", device="cpu", log_mlflow=False, progress=False, defects_out=tmp_path / "defects.json")
+    written = json.loads((tmp_path / "defects.json").read_text())
+    assert written["config"] == params.defects.model_dump(mode="json")
+    for split, volumes in data_root.items():
+        per_volume = [defect_scores(quantise(WINDOWS["flat"].normalise(image)), labels, params.defects) for image, labels in volumes]
+        pore = written["scores"]["flat"][split]["classes"]["pore"]["all"]
+        assert pore["n_true"] == sum(r.classes["pore"]["all"].n_true for r in per_volume) > 0
+        assert pore["n_detected"] == sum(r.classes["pore"]["all"].n_detected for r in per_volume)
+        assert pore["recall"] == pytest.approx(pore["n_detected"] / pore["n_true"])
+        truth = np.concatenate([labels.ravel() for _, labels in volumes])
+        assert written["scores"]["flat"][split]["porosity_true"] == pytest.approx((truth == 2).sum() / (truth >= 1).sum())
+    assert written["scores"]["flat"]["Te-2"]["classes"]["inclusion"]["all"]["recall"] is None  # no inclusion in Te-2
+    rows = json.loads((tmp_path / "defects_recall.json").read_text())
+    pore_rows = [row for row in rows if row["split"] == "Te-1" and row["class"] == "pore"]
+    assert [row["diameter"] for row in pore_rows] == params.defects.diameter_bins
+    assert sum(row["n_true"] for row in pore_rows) == written["scores"]["flat"]["Te-1"]["classes"]["pore"]["all"]["n_true"]
+
+
+def test_defect_metrics_name_split_class_location_and_bin() -> None:
+    from xctsam.eval.evaluate import defect_metrics
+
+    bins = [{"recall": 0.5}, {"recall": math.nan}]
+    score = {"f1": 0.4, "recall": 0.5, "precision": math.nan, "bins": bins}
+    report = {"classes": {"pore": {"all": score, "surface": score, "internal": score}}, "porosity_true": 0.01, "porosity_pred": 0.02}
+    metrics = defect_metrics({"Te-1": report})
+    assert metrics["defects.Te-1.pore.f1"] == 0.4 and metrics["defects.Te-1.pore.surface.recall"] == 0.5
+    assert metrics["defects.Te-1.pore.recall.bin0"] == 0.5 and "defects.Te-1.pore.recall.bin1" not in metrics
+    assert "defects.Te-1.pore.precision" not in metrics and metrics["porosity.Te-1.pred"] == 0.02

@@ -241,6 +241,9 @@ def test_compute_fid_writes_metrics_and_logs_mlflow(monkeypatch: pytest.MonkeyPa
     assert set(written["fid"]) == {"Te-1", "Te-2"}
     assert 0 < written["fid"]["Te-1"] < written["fid"]["Te-2"]  # shifted grey values count
     assert written["pairs"]["Te-1_vs_Te-2"] > written["fid"]["Te-1"]
+    kid = written["kid"]
+    assert set(kid) == {"Te-1", "Te-2"} and kid["Te-1"]["mean"] < kid["Te-2"]["mean"] and kid["Te-2"]["std"] >= 0
+    assert written["floor"] is None  # one reference volume: no halves to compare
 
     import mlflow
 
@@ -251,9 +254,53 @@ def test_compute_fid_writes_metrics_and_logs_mlflow(monkeypatch: pytest.MonkeyPa
     assert run.data.metrics["fid.Te-2"] == pytest.approx(written["fid"]["Te-2"])
     assert run.data.metrics["fid.Te-1_vs_Te-2"] == pytest.approx(written["pairs"]["Te-1_vs_Te-2"])
     assert run.data.params["fid.samples"] == "6"
+    assert run.data.metrics["kid.Te-2"] == pytest.approx(kid["Te-2"]["mean"])
+    assert run.data.metrics["kid_std.Te-1_vs_Te-2"] == pytest.approx(written["kid_pairs"]["Te-1_vs_Te-2"]["std"])
 
     again = compute_fid(params, split_root, tmp_path / "again.json")
     assert again == result  # the same slices every run
+
+
+def test_the_floor_compares_the_reference_halves_by_volume(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, split_root: Path, stage_params: dict) -> None:
+    """Two more reference volumes of the same kind: the halves (volumes 0, 2 v 1, 3) lie far
+    closer to each other than the shifted split does to the reference; crops multiply samples."""
+    _empty_torch_home(monkeypatch, tmp_path / "torch_home")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    for index, seed in ((1, 13), (2, 14), (3, 15)):
+        write_volume(split_root / "synthetic" / "Tr-GAN" / f"vol_{index:03d}.h5", (1000.0 * xct_like_slices(8, 48, seed=seed)).astype(np.float32))
+    stage_params["fid"].update({"crops_per_slice": 2, "crop_fraction": 0.75, "samples": 8})
+    result = compute_fid(parse_params(stage_params), split_root, tmp_path / "fid.json")
+    floor = result["floor"]
+    assert floor["volumes"] == [["vol_000.h5", "vol_002.h5"], ["vol_001.h5", "vol_003.h5"]]
+    assert result["features"]["real/Te-2"] == 2 * result["slices"]["real/Te-2"] == 16
+    assert floor["kid"]["mean"] < result["kid"]["Te-2"]["mean"] and floor["fid"] < result["fid"]["Te-2"]
+    stage_params["fid"]["floor"] = False
+    assert compute_fid(parse_params(stage_params), split_root, tmp_path / "off.json")["floor"] is None
+
+
+def test_crops_are_seeded_squares_inside_the_slice() -> None:
+    from xctsam.data.datasets import IntensityWindow, SliceRef
+    from xctsam.eval.fid import NormalisedCrops
+
+    image = np.arange(40 * 60, dtype=np.float32).reshape(40, 60)
+
+    class Reader:
+        def image(self, ref: SliceRef) -> np.ndarray:
+            return image
+
+    refs = [SliceRef(Path("v.h5"), z) for z in range(3)]
+    crops = NormalisedCrops(refs, IntensityWindow(0.0, 2400.0), Reader(), crops=4, fraction=0.5, seed=1)  # type: ignore[arg-type]
+    assert len(crops) == 12
+    corners = set()
+    for index in range(len(crops)):
+        crop = crops[index]
+        assert crop.shape == (20, 30)
+        corners.add(float(crop[0, 0]))
+    assert len(corners) > 6  # positions differ from crop to crop
+    again = NormalisedCrops(refs, IntensityWindow(0.0, 2400.0), Reader(), crops=4, fraction=0.5, seed=1)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(again[5], crops[5])
+    whole = NormalisedCrops(refs, IntensityWindow(0.0, 1.0), Reader())  # type: ignore[arg-type]
+    assert len(whole) == 3 and whole[0].shape == (40, 60)
 
 
 def test_fixed_window_from_params_is_used_and_recorded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, split_root: Path, stage_params: dict) -> None:

@@ -12,6 +12,7 @@ import pytest
 from xctsam.config.params import Params, parse_params
 from xctsam.data.datasets import SliceRef
 from xctsam.data.volumes import write_volume
+from xctsam.eval.evaluate import SplitCounts
 from xctsam.eval.forgetting import evaluate_forgetting, forgetting_deltas
 from xctsam.eval.holdout import check_no_overlap, evaluation_volumes
 from xctsam.models.factory import load_segmenter
@@ -187,6 +188,10 @@ def test_finetune_then_forgetting_end_to_end(project: tuple[Params, Path], tmp_p
             )
             assert report["deltas"][name][split]["material"] == pytest.approx(after - before)
         assert set(written["deltas"][name]) == {"Te-1", "Te-2", "mean"}
+        bounds = written["intervals"][name]["Te-1"]["material"]
+        assert bounds["low"] <= written["deltas"][name]["Te-1"]["material"] <= bounds["high"]
+    # a volume of every split fine-tuned on: the per-split design, all adaptation, mean over all
+    assert written["roles"] == {"Te-1": "adaptation", "Te-2": "adaptation"} and written["mean_of"] == ["Te-1", "Te-2"]
 
     run = mlflow.search_runs(
         experiment_names=["xctsam"],
@@ -232,3 +237,36 @@ def test_model_scored_on_its_own_finetuning_volume_is_refused(
             progress=False,
             log_mlflow=False,
         )
+
+
+def _counts(per_slice: np.ndarray) -> SplitCounts:
+    counts = SplitCounts()
+    for matrix in per_slice:
+        counts.counter.matrix += matrix
+        counts.per_slice.append(matrix)
+        counts.volume_of_slice.append(0)
+    return counts
+
+
+def test_delta_intervals_are_paired_and_the_mean_covers_the_transfer_splits_only() -> None:
+    from xctsam.config.eval import BootstrapConfig
+    from xctsam.eval.forgetting import delta_intervals
+
+    rng = np.random.default_rng(0)
+    def slices(hits: int) -> np.ndarray:
+        matrices = np.zeros((20, 4, 4), dtype=np.int64)
+        matrices[:, 0, 0] = 1000
+        matrices[:, 1, 1] = hits + rng.integers(0, 20, 20)  # material found
+        matrices[:, 1, 0] = 100 - hits  # material missed
+        return matrices
+    before = {"Te-1": _counts(slices(60)), "Te-6": _counts(slices(40))}
+    better = before["Te-6"].per_slice
+    after_te6 = np.stack(better).copy()
+    after_te6[:, 1, 1] += 30
+    after_te6[:, 1, 0] -= 30
+    after = {"Te-1": before["Te-1"], "Te-6": _counts(after_te6)}
+    intervals = delta_intervals(before, after, ["Te-1"], BootstrapConfig(resamples=200), seed=0)
+    assert intervals["Te-1"]["material"] == {"low": 0.0, "high": 0.0, "significant": False}  # unchanged
+    assert intervals["Te-6"]["material"]["significant"] and intervals["Te-6"]["material"]["low"] > 0
+    assert intervals["mean"]["material"] == intervals["Te-1"]["material"]  # Te-6 is adaptation, not averaged
+    assert intervals["Te-6"]["pore"] == {"low": None, "high": None, "significant": False} or np.isnan(intervals["Te-6"]["pore"]["low"])

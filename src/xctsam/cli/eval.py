@@ -50,8 +50,11 @@ def eval_models(
     params: ParamsOption = Path("params.yaml"),
     root: DataRootOption = Path("data"),
     out: Annotated[Path, typer.Option(help="Metrics file (JSON).")] = Path("metrics/eval.json"),
+    defects_out: Annotated[Path, typer.Option(help="Per-defect detection metrics (JSON).")] = Path("metrics/defects.json"),
+    defects: Annotated[bool, typer.Option(help="Score every defect too (needs each whole predicted volume in memory).")] = True,
 ) -> None:
-    """Score every model on every eval.splits split: IoU and Dice per class, mIoU."""
+    """Score every model on every eval.splits split: IoU (with bootstrap intervals) and Dice per
+    class, mIoU, and per-defect detection of pores and inclusions."""
     import json
 
     from xctsam.config.params import load_params
@@ -60,7 +63,7 @@ def eval_models(
 
     config = load_params(params)
     loaded = {name: load_segmenter(path)[:2] for name, path in _named_models(model).items()}
-    report = evaluate_models(loaded, config, root, out)
+    report = evaluate_models(loaded, config, root, out, defects_out=defects_out if defects else None)
     print(json.dumps({"miou": report["miou"]}, indent=2))
 
 

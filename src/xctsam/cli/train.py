@@ -18,25 +18,33 @@ from xctsam.cli.common import (
 
 train_app = typer.Typer(help="Train the segmentation models (one loop for all).", no_args_is_help=True)
 
+TrainSplitOption = Annotated[
+    list[str] | None,
+    typer.Option("--train-split", help="Train on this split folder instead of train.<model>.splits (repeatable): the GAN ablation trains on the untranslated render."),
+]
 
-def _train(kind: str, params: Path, root: Path, out: Path | None, seed: int | None, fresh: bool) -> None:
+
+def _train(kind: str, params: Path, root: Path, out: Path | None, seed: int | None, fresh: bool, splits: list[str] | None = None) -> None:
     from xctsam.config.params import load_params
-    from xctsam.train.stage import train_model
+    from xctsam.train.stage import train_model, with_train_splits
 
-    result = train_model(kind, _with_seed(load_params(params), seed), root, out or Path("models") / kind, resume=not fresh)
+    config = _with_seed(load_params(params), seed)
+    if splits:
+        config = with_train_splits(config, kind, splits)
+    result = train_model(kind, config, root, out or Path("models") / kind, resume=not fresh)
     print(f"{kind}: {result.steps} steps, best validation mIoU {result.best_val_miou:.4f} at step {result.best_step} -> {result.checkpoint}")
 
 
 @train_app.command("sam")
-def train_sam(params: ParamsOption = Path("params.yaml"), root: DataRootOption = Path("data"), out: ModelOutOption = None, seed: SeedOption = None, fresh: FreshOption = False) -> None:
+def train_sam(params: ParamsOption = Path("params.yaml"), root: DataRootOption = Path("data"), out: ModelOutOption = None, seed: SeedOption = None, fresh: FreshOption = False, train_split: TrainSplitOption = None) -> None:
     """PEFT-SAM (Conv-LoRA + prompt-free decoder) on params train.sam; resumes after a kill."""
-    _train("sam", params, root, out, seed, fresh)
+    _train("sam", params, root, out, seed, fresh, train_split)
 
 
 @train_app.command("unet")
-def train_unet(params: ParamsOption = Path("params.yaml"), root: DataRootOption = Path("data"), out: ModelOutOption = None, seed: SeedOption = None, fresh: FreshOption = False) -> None:
+def train_unet(params: ParamsOption = Path("params.yaml"), root: DataRootOption = Path("data"), out: ModelOutOption = None, seed: SeedOption = None, fresh: FreshOption = False, train_split: TrainSplitOption = None) -> None:
     """The 2.5D U-Net baseline on params train.unet; resumes after a kill."""
-    _train("unet", params, root, out, seed, fresh)
+    _train("unet", params, root, out, seed, fresh, train_split)
 
 
 @train_app.command("pretrain")

@@ -17,8 +17,23 @@ class PredictConfig(StrictModel):
     batch: Annotated[Int, Field(ge=1)] = 8
 
 
+class BootstrapConfig(StrictModel):
+    """95% percentile intervals of IoU by resampling slices' confusion counts (eval.bootstrap)."""
+
+    resamples: Annotated[Int, Field(ge=1)] = 1000
+    # volume: whole volumes with replacement; slice: slices within each volume; auto: volumes
+    # from min_volumes volumes per split on (fewer make a poor bootstrap population)
+    unit: Literal["auto", "volume", "slice"] = "auto"
+    min_volumes: Annotated[Int, Field(ge=2)] = 5
+    level: Annotated[Float, Field(gt=0, lt=1)] = 0.95
+
+
 class EvalConfig(StrictModel):
     splits: list[str] = [f"real/Te-{i}" for i in range(1, 7)]
+    bootstrap: BootstrapConfig = BootstrapConfig()
+    # IoU differences to bootstrap paired (same slices, same resamples): (a, b) is a minus b,
+    # by the names `xctsam eval models --model name=path` gives; a pair not evaluated is skipped
+    compare: list[tuple[str, str]] = [("sam", "unet"), ("sam", "sam-sim"), ("unet", "unet-sim")]
 
 
 
@@ -40,7 +55,19 @@ class FidConfig(StrictModel):
     splits: list[str] = [f"real/Te-{i}" for i in range(1, 7)]
     pairs: dict[str, tuple[str, str]] = {}  # name -> (split folder, split folder)
     samples: Annotated[Int, Field(ge=2)] = 200  # slices per split, the same ones every run
+    # Each sampled slice gives `crops_per_slice` crops (crop_fraction of its height and width)
+    # at seeded positions: more samples per volume where volumes are few. 1 and 1.0: the whole
+    # slice, once.
+    crops_per_slice: Annotated[Int, Field(ge=1)] = 1
+    crop_fraction: Annotated[Float, Field(gt=0, le=1)] = 1.0
     batch: Annotated[Int, Field(ge=1)] = 25
+    # KID as torch-fidelity computes it: the mean and std over `kid_subsets` random subsets of
+    # `kid_subset_size` samples per set (clipped to the smaller set)
+    kid_subsets: Annotated[Int, Field(ge=1)] = 100
+    kid_subset_size: Annotated[Int, Field(ge=2)] = 1000
+    # the distances' floor: the same distance between two halves of the reference split, by
+    # volume (even- and odd-numbered volumes); a distance near its floor says nothing
+    floor: bool = True
     # grey values mapped to [0, 1] for every split; null: robust window of the reference split.
     # Imported 8-bit scans compare best on their full range, [0, 255].
     window: tuple[Float, Float] | None = None

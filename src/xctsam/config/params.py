@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from xctsam.config.base import Int, StrictModel
 from xctsam.config.data import DataConfig
+from xctsam.config.defects import DefectsConfig
 from xctsam.config.eval import EvalConfig, FidConfig, PredictConfig, RobustnessConfig
 from xctsam.config.gan import GanConfig
 from xctsam.config.pretrain import PretrainConfig
@@ -35,6 +36,11 @@ class StudyConfig(StrictModel):
 
     root: Path = Path("data")  # holds real/<Te-N> and synthetic/<training split>
     gan: list[Literal["cyclegan"]] = ["cyclegan"]  # [] removes gan_train and synthesize
+    # The GAN ablation: each listed model trained again, same steps and seed, on the
+    # untranslated render `ablation_split` (models/<model>-sim) and scored beside the GAN-trained
+    # one. [] where there is no untranslated training split (the release ships only Tr-GAN).
+    ablation: list[Literal["sam", "unet"]] = ["sam", "unet"]
+    ablation_split: str = "synthetic/Tr-sim"
 
 
 
@@ -48,6 +54,7 @@ class Params(StrictModel):
     train: TrainSection = TrainSection()
     predict: PredictConfig = PredictConfig()
     eval: EvalConfig = EvalConfig()
+    defects: DefectsConfig = DefectsConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     robustness: RobustnessConfig = RobustnessConfig()
     fid: FidConfig = FidConfig()

@@ -45,7 +45,7 @@ class FinetuneConfig(StrictModel):
     volume of `eval.splits` is what forgetting is measured on, and any overlap is refused.
     """
 
-    volumes: dict[str, list[str]] = {f"real/Te-{i}": [f"Te-{i}_000.h5"] for i in range(1, 7)}
+    volumes: dict[str, list[str]] = {"real/Te-6": ["Te-6_000.h5"]}  # the study: the strongest-OoD split
     sub_fraction: Annotated[Float, Field(gt=0, le=1)] = 0.25  # SAM-FineReal-Sub's share of the fine-tuning slices
     steps: Annotated[Int, Field(ge=1)] = 300
     lr: PositiveFloat = 1e-4

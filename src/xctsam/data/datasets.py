@@ -32,9 +32,16 @@ def split_slices(split_dirs: Iterable[Path]) -> list[SliceRef]:
         volumes = split_volumes(Path(split_dir))
         if not volumes:
             raise InputError(split_dir, "no volumes (*.h5) in this split folder", "run the stage that makes it (dvc repro)")
-        for path in volumes:
-            with Volume(path) as volume:
-                refs.extend(SliceRef(path, z) for z in range(volume.n_slices))
+        refs.extend(volume_slices(volumes))
+    return refs
+
+
+def volume_slices(volumes: Iterable[Path]) -> list[SliceRef]:
+    """Every slice of these volume files, in order."""
+    refs: list[SliceRef] = []
+    for path in volumes:
+        with Volume(path) as volume:
+            refs.extend(SliceRef(path, z) for z in range(volume.n_slices))
     return refs
 
 

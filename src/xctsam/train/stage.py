@@ -33,6 +33,12 @@ class Prepared:
         return {"model.trainable_params": counts["trainable"], "model.total_params": counts["total"], "model.trainable_share": counts["share"]}
 
 
+def with_train_splits(params: Params, kind: ModelKind, splits: list[str]) -> Params:
+    """`params` with train.<kind>.splits replaced (validated as params.yaml would be)."""
+    section = getattr(params.train, kind).model_validate({**getattr(params.train, kind).model_dump(), "splits": list(splits)})
+    return params.model_copy(update={"train": params.train.model_copy(update={kind: section})})
+
+
 def prepare_training(kind: ModelKind, params: Params, data_root: Path) -> Prepared:
     """Model, tile sampler and held-out validation slices for params.train.<kind>."""
     config = getattr(params.train, kind)
