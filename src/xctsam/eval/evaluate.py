@@ -162,7 +162,7 @@ def count_volume(
 ) -> None:
     """Predict one labelled volume and add its slices to `counts` (as the next volume); with
     `defects`, also its per-defect scores (which need the whole predicted volume in memory)."""
-    volume_index = len(set(counts.volume_of_slice))
+    volume_index = counts.volume_of_slice[-1] + 1 if counts.volume_of_slice else 0
     with Volume(path) as volume:
         predicted = np.zeros(volume.shape, dtype=np.uint8) if defects is not None else None
         for z, labels, _ in predict_volume(model, volume, window, config, device, transform=transform, progress=False):

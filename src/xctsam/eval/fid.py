@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,12 +156,13 @@ class SplitFeatures:
 
     def __call__(self, split_dir: Path) -> np.ndarray:
         """Of the split's seeded `fid.samples` slices."""
-        return self.of(str(split_dir), split_dir, split_slices([split_dir]))
+        return self.of(str(split_dir), split_dir, lambda: split_slices([split_dir]))
 
-    def of(self, key: str, where: Path, refs: Sequence[SliceRef]) -> np.ndarray:
-        """Of a seeded `fid.samples` of `refs` (slices of `where`), cached under `key`."""
+    def of(self, key: str, where: Path, refs: Callable[[], Sequence[SliceRef]]) -> np.ndarray:
+        """Of a seeded `fid.samples` of `refs()` (slices of `where`), cached under `key`; the
+        slices are listed only on a miss (listing opens every volume of the split)."""
         if key not in self._cache:
-            chosen = sample_slices(refs, self.config.samples, self.seed)
+            chosen = sample_slices(refs(), self.config.samples, self.seed)
             if len(chosen) < 2:
                 raise InputError(where, f"only {len(chosen)} slice(s); FID needs at least 2 per split", "add volumes to this split")
             with SliceReader() as reader:
@@ -188,7 +189,7 @@ def floor_distances(features: SplitFeatures, reference: Path) -> dict[str, Any] 
     halves = reference_halves(reference)
     if halves is None:
         return None
-    sets = [features.of(f"{reference}#half{i}", reference, volume_slices(volumes)) for i, volumes in enumerate(halves)]
+    sets = [features.of(f"{reference}#half{i}", reference, lambda volumes=volumes: volume_slices(volumes)) for i, volumes in enumerate(halves)]
     return {**features.distances(*sets), "volumes": [[path.name for path in half] for half in halves]}
 
 
@@ -220,7 +221,8 @@ def compute_fid(params: Params, data_root: Path, out: Path = DEFAULT_OUT) -> dic
     )
     features = SplitFeatures(backbone, window, fid, params.seed)
 
-    to_reference = {split_name(folder): features.distances(features(reference), features(folders[folder])) for folder in fid.splits}
+    reference_features = features(reference)
+    to_reference = {split_name(folder): features.distances(reference_features, features(folders[folder])) for folder in fid.splits}
     pairs = {name: features.distances(features(folders[a]), features(folders[b])) for name, (a, b) in fid.pairs.items()}
     floor = floor_distances(features, reference) if fid.floor else None
     result = {

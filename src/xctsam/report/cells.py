@@ -10,9 +10,12 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from xctsam import CLASS_NAMES
+from xctsam.eval import metrics
+
 DASH = "–"  # an undefined or missing score
 NOT_SIGNIFICANT = "n.s."
-FOREGROUND = ("material", "pore", "inclusion")
+FOREGROUND = tuple(CLASS_NAMES[index] for index in metrics.FOREGROUND)  # material, pore, inclusion
 
 
 def number(value: Any) -> float:
@@ -73,9 +76,8 @@ def difference_entry(entry: Mapping[str, Any] | None) -> str:
 
 
 def mean_defined(values: Iterable[Any]) -> float:
-    """The mean of the defined values; NaN when there are none."""
-    kept = [number(value) for value in values if defined(value)]
-    return sum(kept) / len(kept) if kept else math.nan
+    """The mean of the defined values (None counts as undefined); NaN when there are none."""
+    return float(metrics.mean_defined([number(value) for value in values]))
 
 
 def foreground_mean(classes: Mapping[str, Any]) -> float:
