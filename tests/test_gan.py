@@ -147,6 +147,38 @@ def test_generator_output_has_the_input_size_and_range(size: tuple[int, int]) ->
     assert not torch.equal(y[0], y[1])  # depends on the input
 
 
+def test_noise_inputs_vary_the_output_and_a_seed_fixes_it() -> None:
+    from xctsam.data.datasets import IntensityWindow
+
+    torch.manual_seed(0)
+    flat = np.full((2, 24, 24), 0.5, dtype=np.float32)  # a noise-free render: one grey value
+    window = IntensityWindow(0.0, 1.0)
+    noisy = Translator(ResnetGenerator(filters=4, blocks=1, noise_channels=1).eval(), window, window)
+    first, again, other = noisy.unit(flat, noise_seed=1), noisy.unit(flat, noise_seed=1), noisy.unit(flat, noise_seed=2)
+    assert np.array_equal(first, again) and not np.allclose(first, other)
+    assert first[0].std() > 1e-4  # the flat input gets texture from the noise
+    state = torch.get_rng_state()
+    noisy.unit(flat, noise_seed=3)
+    assert torch.equal(state, torch.get_rng_state())  # translating leaves training's RNG alone
+    plain = Translator(ResnetGenerator(filters=4, blocks=1).eval(), window, window)
+    assert np.array_equal(plain.unit(flat, noise_seed=1), plain.unit(flat, noise_seed=2))
+    assert plain.unit(flat)[0].std() < 1e-5  # without noise, flat in gives flat out (away from the border)
+
+
+def test_a_noise_input_generator_trains_saves_and_synthesizes_reproducibly(params: Params, default_params: dict, mlflow_store: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    root = make_root(tmp_path_factory.mktemp("data_noise"))
+    noisy = tiny_params(default_params, generator={**TINY_GAN.get("generator", {}), "noise_channels": 1})
+    out = tmp_path_factory.mktemp("gan_noise")
+    train_gan(noisy, root, out)
+    assert Translator.load(out / GENERATOR).generator.noise_channels == 1
+    images = []
+    for _ in range(2):
+        synthesize(noisy, root, out / GENERATOR)
+        with Volume(root / "synthetic" / "Tr-GAN" / "Tr-sim_000.h5") as volume:
+            images.append(volume.image())
+    assert np.array_equal(*images)  # seeded noise: the same split every run
+
+
 @pytest.mark.parametrize(("size", "layers"), [(32, 2), (64, 3), (70, 3)])
 def test_discriminator_scores_a_map_of_patches(size: int, layers: int) -> None:
     critic = PatchDiscriminator(filters=4, layers=layers)

@@ -14,6 +14,9 @@ from xctsam.config.base import Fraction, Int, NonNegativeFloat, PositiveFloat, S
 class GeneratorConfig(StrictModel):
     filters: Annotated[Int, Field(ge=4)] = 32  # ngf: channels of the first convolution
     blocks: Annotated[Int, Field(ge=1)] = 6  # ResNet blocks at the bottleneck
+    # channels of N(0, 1) noise beside the image into the A -> B generator: the render is
+    # noise-free, and a deterministic map of it cannot make a scanner's grain (0: none)
+    noise_channels: Annotated[Int, Field(ge=0)] = 0
 
 
 class DiscriminatorConfig(StrictModel):

@@ -5,6 +5,11 @@ reflection padding, instance normalisation without affine parameters, two stride
 ResNet blocks at the bottleneck, two transposed-convolution upsamplings and a tanh output in
 [-1, 1]; a 70x70-style PatchGAN critic; weights drawn from N(0, 0.02). Images are single-channel
 XCT slices.
+
+A generator may take `noise_channels` of N(0, 1) noise beside the image (as augmented CycleGAN
+and StyleGAN's noise inputs do): a deterministic map of the noise-free render can only give
+noise-free output, so without them the translated slices lack the scanner's grain. The noise is
+drawn from torch's RNG in training and from a seeded generator when translating.
 """
 
 from __future__ import annotations
@@ -59,12 +64,17 @@ class ResnetBlock(nn.Module):
 
 
 class ResnetGenerator(nn.Module):
-    """Image-to-image generator; any H x W works (padded to a multiple of 4 and cropped back)."""
+    """Image-to-image generator; any H x W works (padded to a multiple of 4 and cropped back).
 
-    def __init__(self, in_channels: int = 1, out_channels: int = 1, filters: int = 32, blocks: int = 6) -> None:
+    With `noise_channels` > 0 the first convolution also sees that many channels of N(0, 1)
+    noise, drawn at every call (from `noise` if given, else torch's global RNG).
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, filters: int = 32, blocks: int = 6, noise_channels: int = 0) -> None:
         super().__init__()
-        self.config = {"in_channels": in_channels, "out_channels": out_channels, "filters": filters, "blocks": blocks}
-        layers: list[nn.Module] = [nn.ReflectionPad2d(3), *_conv_norm_relu(in_channels, filters, kernel_size=7)]
+        self.config = {"in_channels": in_channels, "out_channels": out_channels, "filters": filters, "blocks": blocks, "noise_channels": noise_channels}
+        self.noise_channels = noise_channels
+        layers: list[nn.Module] = [nn.ReflectionPad2d(3), *_conv_norm_relu(in_channels + noise_channels, filters, kernel_size=7)]
         for i in range(DOWNSAMPLINGS):
             width = filters * 2**i
             layers += _conv_norm_relu(width, width * 2, kernel_size=3, stride=2, padding=1)
@@ -81,7 +91,10 @@ class ResnetGenerator(nn.Module):
         self.model = nn.Sequential(*layers)
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, noise: torch.Generator | None = None) -> torch.Tensor:
+        if self.noise_channels:
+            z = torch.randn((x.shape[0], self.noise_channels, *x.shape[2:]), generator=noise, device=x.device, dtype=x.dtype)
+            x = torch.cat([x, z], dim=1)
         height, width = x.shape[-2:]
         pad_y, pad_x = -height % SIZE_MULTIPLE, -width % SIZE_MULTIPLE
         if pad_y or pad_x:
@@ -186,18 +199,24 @@ class Translator:
     def device(self) -> torch.device:
         return next(self.generator.parameters()).device
 
-    def unit(self, slab: np.ndarray, batch: int = 8) -> np.ndarray:
-        """(Z, Y, X) domain-A grey values -> translated slices in domain B's [0, 1] units."""
+    def unit(self, slab: np.ndarray, batch: int = 8, noise_seed: int = 0) -> np.ndarray:
+        """(Z, Y, X) domain-A grey values -> translated slices in domain B's [0, 1] units.
+
+        A generator with noise inputs draws them from a torch generator seeded with
+        `noise_seed`, so the same slab and seed give the same output (and torch's global RNG,
+        which training checkpoints, is left alone).
+        """
+        noise = torch.Generator(device=self.device).manual_seed(noise_seed)
         out = []
         with torch.no_grad():
             for z0 in range(0, slab.shape[0], batch):
                 x = to_net(self.window_a.normalise(slab[z0 : z0 + batch])[:, None]).to(self.device)
-                out.append(from_net(self.generator(x))[:, 0])
+                out.append(from_net(self.generator(x, noise))[:, 0])
         return np.concatenate(out) if out else np.zeros_like(slab, dtype=np.float32)
 
-    def __call__(self, slab: np.ndarray, batch: int = 8) -> np.ndarray:
+    def __call__(self, slab: np.ndarray, batch: int = 8, noise_seed: int = 0) -> np.ndarray:
         """(Z, Y, X) domain-A grey values -> domain-B grey values (float32)."""
-        return self.window_b.denormalise(self.unit(slab, batch))
+        return self.window_b.denormalise(self.unit(slab, batch, noise_seed))
 
     def save(self, path: Path) -> None:
         """Everything `synthesize` needs, written atomically."""

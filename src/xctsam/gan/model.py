@@ -44,7 +44,9 @@ class CycleGan:
         self.config = config
         make_generator = functools.partial(ResnetGenerator, 1, 1, config.generator.filters, config.generator.blocks)
         make_critic = functools.partial(PatchDiscriminator, 1, config.discriminator.filters, config.discriminator.layers)
-        self.g_ab, self.g_ba = make_generator().to(device), make_generator().to(device)
+        # only A -> B gets noise inputs: the render is noise-free, the scans are not
+        self.g_ab = make_generator(noise_channels=config.generator.noise_channels).to(device)
+        self.g_ba = make_generator().to(device)
         self.d_a, self.d_b = make_critic().to(device), make_critic().to(device)
         self.opt_g = _adam((self.g_ab, self.g_ba), config)
         self.opt_d = _adam((self.d_a, self.d_b), config)

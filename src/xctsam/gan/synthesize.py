@@ -75,12 +75,20 @@ def _volume_attrs(source: Volume, split: str, provenance: dict[str, Any]) -> dic
     }
 
 
-def translate_volume(translator: Translator, source: Path, target: Path, split: str, provenance: dict[str, Any], slab: int = SLAB) -> list[float]:
-    """Write the translated copy of one labelled volume; returns the structure IoU of each slice."""
+def slab_noise_seed(seed: int, volume_index: int, z0: int) -> int:
+    """The noise inputs' seed of one slab: every slab of every volume draws its own noise."""
+    return int(np.random.SeedSequence([seed, volume_index, z0]).generate_state(1)[0])
+
+
+def translate_volume(translator: Translator, source: Path, target: Path, split: str, provenance: dict[str, Any], slab: int = SLAB, seed: tuple[int, int] = (0, 0)) -> list[float]:
+    """Write the translated copy of one labelled volume; returns the structure IoU of each slice.
+
+    `seed` (params seed, volume index) seeds the generator's noise inputs, if it has any.
+    """
     ious: list[float] = []
     with Volume(source) as volume, VolumeWriter(target, volume.shape, labelled=True, attrs=_volume_attrs(volume, split, provenance)) as out:
         for z0, image, labels in volume.iter_slabs(slab):
-            translated = translator(image, batch=slab)
+            translated = translator(image, batch=slab, noise_seed=slab_noise_seed(*seed, z0))
             out.write(z0, translated, labels, source=source)
             ious.extend(slab_structure_iou(translated, labels))
         out.set_attrs(structure_iou=mean_iou(ious))
@@ -109,8 +117,8 @@ def synthesize(params: Params, data_root: Path, generator_path: Path) -> list[Pa
     }
     slice_ious: dict[str, list[float]] = {}
     with atomic_dir(target_dir) as tmp:
-        for source in track(sources, "gan synthesize", total=len(sources)):
-            slice_ious[source.name] = translate_volume(translator, source, tmp / source.name, target_dir.name, provenance)
+        for index, source in enumerate(track(sources, "gan synthesize", total=len(sources))):
+            slice_ious[source.name] = translate_volume(translator, source, tmp / source.name, target_dir.name, provenance, seed=(params.seed, index))
         split_iou = mean_iou([iou for ious in slice_ious.values() for iou in ious])
         per_volume = {name: mean_iou(ious) for name, ious in slice_ious.items()}
         extra = {"structure_iou": split_iou, "structure_iou_per_volume": per_volume, "gan": provenance}
