@@ -114,7 +114,9 @@ def draw_iou_vs_kid(evaluation: Mapping[str, Any], fid: Mapping[str, Any], out_p
             if not found:
                 continue
             _, x, x_err, y, y_low, y_high = zip(*found, strict=True)
-            ax.errorbar(x, y, xerr=x_err, yerr=[y_low, y_high], marker="o", capsize=3, linestyle="-", alpha=0.85, label=model_name(key))
+            # points, not a line: splits are separate scans, and a line through them in KID order
+            # reads as a trend that zig-zags wherever two splits' KIDs are close
+            ax.errorbar(x, y, xerr=x_err, yerr=[y_low, y_high], marker="o", capsize=3, linestyle="none", alpha=0.85, label=model_name(key))
             if i == 0:  # split names once per panel, beside the first model's points
                 for split, px, _, py, _, _ in found:
                     ax.annotate(split, (px, py), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
