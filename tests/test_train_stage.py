@@ -79,3 +79,25 @@ def test_missing_training_split_is_one_line(project: Path, capsys: pytest.Captur
     assert main(["train", "unet", "--root", "nowhere"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "nowhere" in err
+
+
+@pytest.mark.parametrize("kind", ["unet", "sam"])
+def test_a_training_starts_from_the_same_weights_whatever_torch_rng_did_before(project: Path, kind: str) -> None:
+    """Two processes (two `dvc repro` runs) reach training with torch's RNG in different states;
+    the initial weights must come from params.seed alone, or the same seed trains other models."""
+    import torch
+
+    from xctsam.config.params import load_params
+    from xctsam.train.stage import prepare_training
+
+    params = load_params(project / "params.yaml")
+    weights = []
+    for disturbance in (0, 7):
+        torch.manual_seed(disturbance)
+        torch.rand(3)
+        job = prepare_training(kind, params, project / "data")
+        weights.append({name: tensor.detach().clone() for name, tensor in job.model.state_dict().items()})
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    other = prepare_training(kind, params.model_copy(update={"seed": params.seed + 1}), project / "data").model.state_dict()
+    assert any(not torch.equal(weights[0][name], other[name]) for name in weights[0] if weights[0][name].is_floating_point())

@@ -13,6 +13,7 @@ from xctsam.data.split_folders import folders_digest
 from xctsam.data.tiles import SegmentationTiles, validation_slices
 from xctsam.models.base import Segmenter, trainable_parameters
 from xctsam.models.factory import ModelKind, build_segmenter, model_meta
+from xctsam.train.checkpoint import seed_everything
 from xctsam.train.loop import TrainResult, process_rank, train_segmenter
 from xctsam.train.validation import ValidationSource, whole_slice_batches
 
@@ -46,6 +47,10 @@ def prepare_training(kind: ModelKind, params: Params, data_root: Path) -> Prepar
     train_refs, val_refs = validation_slices(split_dirs, config.val_volumes)
     window = IntensityWindow.measure(train_refs, seed=params.seed)
     architecture = params.sam if kind == "sam" else params.unet
+    # the initial weights come from torch's RNG: seeded here, or every process starts from
+    # other weights (the loop seeds its own streams only once the model exists). The same seed on
+    # every rank: DDP starts all replicas from rank 0's weights anyway.
+    seed_everything(params.seed)
     model = build_segmenter(kind, architecture, config)
     # the data's content is part of the model's identity: new data, new training
     meta = {**model_meta(kind, architecture, config, window), "data": folders_digest(split_dirs)}
