@@ -28,6 +28,7 @@ from xctsam.cli.tune import tune_app
 from xctsam.cli.ui import ui  # noqa: F401  (registers `xctsam ui`)
 from xctsam.util.errors import XctsamError
 from xctsam.util.interrupt import Interrupted, signals_raise
+from xctsam.util.threads import size_pool_before_import
 
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     _show_progress_messages()
     try:
+        size_pool_before_import()  # before anything imports torch: one thread per core given
         with signals_raise():
             app(args=argv, prog_name="xctsam", standalone_mode=True)
     except SystemExit as exc:

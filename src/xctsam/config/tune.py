@@ -56,6 +56,9 @@ class TuneConfig(StrictModel):
     n_trials: Annotated[Int, Field(ge=1)] = 20  # the study's total, shared by all its workers
     heartbeat_seconds: Annotated[Int, Field(ge=1)] = 10  # a worker silent for 2x this is dead; its trial is retried
     max_retry: Annotated[Int, Field(ge=0)] = 2
+    # torch threads per local worker of `tune run --workers N`; None: the worker's share of the
+    # cores (each worker is pinned to its share). XCTSAM_THREADS overrides both.
+    threads_per_worker: Annotated[Int, Field(ge=1)] | None = None
 
     @model_validator(mode="after")
     def _known_metric(self) -> TuneConfig:

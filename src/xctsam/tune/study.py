@@ -36,6 +36,7 @@ from xctsam.tune.trials import heartbeat, retry_of, trial_id
 from xctsam.util import tracking
 from xctsam.util.errors import XctsamError
 from xctsam.util.interrupt import STOPPED, Interrupted, signals_raise
+from xctsam.util.threads import available_cores, claim_cores, split_cores
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,8 @@ class WorkerSpec:
     seed: int | None = None  # None: params seed
     worker_index: int = 0  # offsets the sampler's seed, so workers draw different values
     root: Path | None = None  # project root (default: found from the working directory)
+    cores: tuple[int, ...] | None = None  # a local worker's share of the cores (None: all of this process's)
+    threads: int | None = None  # params tune.threads_per_worker
 
 
 @dataclass
@@ -324,10 +327,17 @@ def _run_trial(study: Any, storage: Any, trial: Any, objective: Any, parent: str
 
 
 # ---------------------------------------------------------------- several workers
+def enter_worker(spec: WorkerSpec) -> int:
+    """A spawned worker's set-up: no live progress bars (several would garble one terminal) and
+    its own cores, so the workers never oversubscribe them; returns its thread count."""
+    os.environ["XCTSAM_NO_PROGRESS"] = "1"
+    return claim_cores(spec.cores, spec.threads)
+
+
 def _worker_main(spec: WorkerSpec) -> None:
     """A spawned worker: user errors as one line and exit code 2, as the CLI does."""
-    os.environ["XCTSAM_NO_PROGRESS"] = "1"  # several live progress bars would garble one terminal
     try:
+        enter_worker(spec)
         with signals_raise():
             run_worker(spec)
     except XctsamError as exc:
@@ -344,7 +354,7 @@ def run_workers(spec: WorkerSpec, workers: int) -> int:
         return 0
     prepare(spec)  # one process creates the study and the parent run before the others start
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch threads or DB connections
-    processes = [context.Process(target=_worker_main, args=(replace(spec, worker_index=spec.worker_index * workers + i),), name=f"tune-worker-{i}") for i in range(workers)]
+    processes = [context.Process(target=_worker_main, args=(worker,), name=f"tune-worker-{i}") for i, worker in enumerate(worker_specs(spec, workers))]
     for process in processes:
         process.start()
     try:
@@ -355,6 +365,16 @@ def run_workers(spec: WorkerSpec, workers: int) -> int:
             process.join()
         raise
     return worst_exit_code([process.exitcode or 0 for process in processes])
+
+
+def worker_specs(spec: WorkerSpec, workers: int) -> list[WorkerSpec]:
+    """One spec per local worker: its sampler offset and its share of this process's cores."""
+    threads = load_params(spec.params_path).tune.threads_per_worker
+    shares = split_cores(available_cores(), workers)
+    return [
+        replace(spec, worker_index=spec.worker_index * workers + i, cores=tuple(share), threads=threads)
+        for i, share in enumerate(shares)
+    ]
 
 
 def worst_exit_code(codes: list[int]) -> int:
