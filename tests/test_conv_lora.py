@@ -126,6 +126,34 @@ def test_gradient_reaches_every_trainable_tensor_and_no_frozen_one() -> None:
     assert all(p.grad is None for p in adapter.base.parameters())
 
 
+@pytest.mark.parametrize("alpha", [2.0, 32.0])
+def test_fused_output_and_gradients_equal_the_plain_lora_formula(alpha: float) -> None:
+    # the layer adds B's path by one accumulating GEMM with the scale folded into B: it must
+    # give what y = W x + b + s * B (z + MoE(z)) written out with separate ops gives
+    adapter = _adapter(alpha=alpha).eval()
+    _randomise_lora_b(adapter)
+    adapter.base.requires_grad_(True)  # also a fully fine-tuned base gets its gradients right
+    reference = copy.deepcopy(adapter)
+    tokens = _tokens()
+    fused_in, plain_in = tokens.clone().requires_grad_(True), tokens.clone().requires_grad_(True)
+    fused = adapter(fused_in)
+
+    bottleneck = reference.lora_a(plain_in).permute(0, 3, 1, 2)
+    adapted = (bottleneck + reference.mixture(bottleneck)).permute(0, 2, 3, 1)
+    plain = reference.base(plain_in) + reference.scale * reference.lora_b(adapted)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-5)
+
+    upstream = torch.randn_like(fused)
+    (fused * upstream).sum().backward()
+    (plain * upstream).sum().backward()
+    torch.testing.assert_close(fused_in.grad, plain_in.grad, rtol=0, atol=1e-5)
+    for (name, got), expected in zip(adapter.named_parameters(), reference.parameters(), strict=True):
+        if got.grad is None:
+            assert expected.grad is None, name
+            continue
+        torch.testing.assert_close(got.grad, expected.grad, rtol=0, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("gate_scales_output", [True, False])
 def test_gate_learns_from_the_task_only_when_it_scales_the_output(gate_scales_output: bool) -> None:
     # top-1, the default: a softmax over the kept expert alone would give no gradient either way

