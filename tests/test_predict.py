@@ -299,3 +299,16 @@ def test_out_of_order_or_missing_slices_are_refused(tmp_path: Path, grey_volume)
             write_prediction([(0, labels[0]), (1, labels[1])], tmp_path / "b.tif", source)
         with pytest.raises(InputError, match="unknown output format"):
             write_prediction([], tmp_path / "c.png", source)
+
+
+@pytest.mark.parametrize("channel", [0, 2])  # a neighbour below, a neighbour above: context is read
+def test_predicting_chosen_slices_gives_the_whole_volume_labels_there(grey_volume: tuple[Path, np.ndarray], channel: int) -> None:
+    path, _ = grey_volume
+    model = QuantiseModel(context=3, channel=channel)
+    whole, _ = predict_all(model, path, PredictConfig(tile=32))
+    chosen = list(predict_volume(model, path, UNIT, PredictConfig(tile=32), "cpu", progress=False, slices=[4, 0, 2]))
+    assert [p.z for p in chosen] == [0, 2, 4]
+    for prediction in chosen:
+        np.testing.assert_array_equal(prediction.labels, whole[prediction.z])
+    with pytest.raises(ValueError, match="outside 0..4"):
+        list(predict_volume(model, path, UNIT, PredictConfig(tile=32), "cpu", progress=False, slices=[5]))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -124,15 +124,16 @@ class _NormalisedSlices:
         return np.clip(out, 0.0, 1.0)  # the model contract: inputs in [0, 1]
 
 
-def _context_stacks(volume: Volume, window: IntensityWindow, context: int, transform: SliceTransform | None, progress: bool) -> Iterator[tuple[int, np.ndarray]]:
-    """(z, (context, Y, X) float32) per slice in order; context + 1 slices held at a time."""
+def _context_stacks(volume: Volume, window: IntensityWindow, context: int, transform: SliceTransform | None, progress: bool, only: list[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(z, (context, Y, X) float32) per slice in order (or per slice of `only`); context + 1
+    slices held at a time."""
     indices = context_indices(volume.n_slices, context)
     # Stacks of consecutive slices share all but one source slice; one spare entry means a
     # slice is never read twice, including the mirrored neighbours at the ends.
     slices = _NormalisedSlices(volume, window, transform, keep=context + 1)
-    zs: Iterable[int] = range(volume.n_slices)
+    zs: Sequence[int] = range(volume.n_slices) if only is None else only
     if progress:
-        zs = track(zs, f"predict {volume.path.name}", total=volume.n_slices)
+        zs = track(zs, f"predict {volume.path.name}", total=len(zs))
     for z in zs:
         yield z, np.stack([slices[int(source)] for source in indices[z]])
 
@@ -217,11 +218,15 @@ def predict_volume(
     *,
     transform: SliceTransform | None = None,
     progress: bool = True,
+    slices: Iterable[int] | None = None,
 ) -> Iterator[SlicePrediction]:
-    """Segment every slice of `volume`, yielding SlicePrediction(z, labels, probabilities) in z order.
+    """Segment every slice of `volume` (or only `slices`), yielding SlicePrediction(z, labels,
+    probabilities) in z order.
 
     `window` maps grey values to the model's [0, 1] (the one it was trained with); `transform`
     is applied to each normalised slice (e.g. added noise) and its result clipped to [0, 1].
+    `slices`: predict just these (e.g. a report's two overlays), each with its own context
+    read from the file, the same labels as in a whole-volume pass.
     The model is used in eval mode and restored to its previous mode afterwards.
     """
     context = int(model.context)
@@ -234,7 +239,10 @@ def predict_volume(
         was_training = model.training
         model.to(device).eval()
         try:
-            stacks = _context_stacks(source, window, context, transform, progress)
+            only = None if slices is None else sorted(set(slices))
+            if only is not None and not all(0 <= z < source.n_slices for z in only):
+                raise ValueError(f"slices {only} outside 0..{source.n_slices - 1} of {source.path}")
+            stacks = _context_stacks(source, window, context, transform, progress, only)
             yield from _predict_stacks(model, stacks, config, device)
         finally:
             model.train(was_training)

@@ -32,16 +32,10 @@ def first_labelled_volume(split_dir: Path) -> Path | None:
 
 
 def predicted_slices(model: Any, window: Any, volume: Volume, slices: Sequence[int], predict: PredictConfig) -> dict[int, np.ndarray]:
-    """Labels of `slices` only: prediction streams in z order, so stop past the last one wanted."""
+    """Labels of `slices` only, each predicted with its own context (not the slices before it)."""
     from xctsam.eval.predict import predict_volume
 
-    wanted, found = set(slices), {}
-    for prediction in predict_volume(model, volume, window, predict, progress=False):
-        if prediction.z in wanted:
-            found[prediction.z] = prediction.labels
-        if prediction.z >= max(wanted):
-            break
-    return found
+    return {prediction.z: prediction.labels for prediction in predict_volume(model, volume, window, predict, progress=False, slices=slices)}
 
 
 def draw_overlay(image: np.ndarray, panels: Mapping[str, np.ndarray], title: str, out_png: Path) -> None:
