@@ -311,6 +311,16 @@ def test_ablation_wording_without_an_untranslated_split(tmp_path: Path, params: 
     assert _section(md.read_text(), "GAN ablation").strip() == f"_{NOT_RUN}_"
 
 
+def test_real_mode_ignores_an_ablation_file_left_by_another_mode(tmp_path: Path, params: Params) -> None:
+    # a clone switched to the real-data mode still holds the embedded default's committed
+    # metrics/ablation/*.json; no stage of this mode wrote them, so the report must not show them
+    _write_new_layout(tmp_path, ablation=True)
+    real_mode = params.model_copy(update={"study": params.study.model_copy(update={"ablation": []})})
+    md, _ = write_report(real_mode, tmp_path, Path("out"), {}, log_mlflow=False)
+    section = _section(md.read_text(), "GAN ablation")
+    assert "no untranslated training split in this mode" in section and "|" not in section
+
+
 def test_forgetting_with_intervals_roles_and_matrix(new_report: tuple[Path, str]) -> None:
     _, text = new_report
     assert _header_of(text, "Forgetting (") == ["variant", "split", "role", *CLASSES]

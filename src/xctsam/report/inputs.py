@@ -29,10 +29,12 @@ def read_zero_shots(folder: Path) -> dict[str, Any]:
     return {path.stem: json.loads(path.read_text()) for path in sorted(Path(folder).glob("*.json"))}
 
 
-def read_ablations(folder: Path, kinds: Iterable[str] = tuple(ABLATION_NAMES)) -> dict[str, Any]:
-    """{kind: its eval.json-like report} of every ablation file in `folder`, `kinds` first."""
-    found = {path.stem: path for path in sorted(Path(folder).glob("*.json"))}
-    return {kind: json.loads(found[kind].read_text()) for kind in [*[k for k in kinds if k in found], *[k for k in found if k not in kinds]]}
+def read_ablations(folder: Path, kinds: Iterable[str]) -> dict[str, Any]:
+    """{kind: its eval.json-like report} of the ablation files of `kinds` (params study.ablation)
+    found in `folder`, in that order. A file of a kind not planned is another study's (e.g. the
+    embedded default's, in the real-data mode, which runs no ablation) and is not read."""
+    folder = Path(folder)
+    return {kind: json.loads((folder / f"{kind}.json").read_text()) for kind in kinds if (folder / f"{kind}.json").is_file()}
 
 
 def with_zero_shots(evaluation: Mapping[str, Any] | None, zero_shots: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -64,7 +64,7 @@ def build_sections(params: Params, root: Path, out_dir: Path, models: Mapping[st
     return [
         Section("Distance to the training set (FID, KID)", note=distance_note(fid), table=distance_table(fid) if fid else None),
         Section("IoU per class: SAM-GAN vs U-Net", note=iou_note(evaluation, zero_shots), table=iou_table(evaluation, order) if evaluation else None),
-        ablation_section(read_ablations(root / ABLATION_DIR), params.study.ablation, order),
+        ablation_section(read_ablations(root / ABLATION_DIR, params.study.ablation), params.study.ablation, order),
         *forgetting_sections(forgetting, order),
         defects_section(read_json(metrics / "defects.json"), order, out_dir / DEFECTS_PNG),
         shift_section(scored, fid, out_dir / SHIFT_PNG),
