@@ -1,14 +1,15 @@
 """How many threads a process computes with: one per core it is given, never more.
 
-torch and OpenMP size their pools from the machine, not from what a process was handed: two
-processes of 2 threads each on 2 cores were measured to slow a CycleGAN from 2.9 to about
-0.3 steps/s. So every `xctsam` process sizes its pool from its CPU affinity (what `taskset`,
-SLURM's cgroups or a parent gave it), and `xctsam tune run --workers N` splits its cores
-between the workers, pinning each to its share.
+Two processes of 2 torch threads each on 2 cores were measured to slow a CycleGAN from 2.9 to
+about 0.3 steps/s. A single process is already sized right: torch's default pool follows the
+CPU affinity (what `taskset`, SLURM's cgroups or a parent gave it). Processes that share one
+affinity are not, so `xctsam tune run --workers N` splits its cores between the workers and
+pins each to its share.
 
-A single process: XCTSAM_THREADS if set, else OMP_NUM_THREADS if the user set it, else its
-cores (torch's own default follows the affinity). A tune worker: XCTSAM_THREADS if set, else params `tune.threads_per_worker`, else its
-share of the cores (an inherited OMP_NUM_THREADS is the parent's count, not the worker's).
+A single process: XCTSAM_THREADS if set, else OMP_NUM_THREADS if the user set it, else torch's
+default (its cores). A tune worker: XCTSAM_THREADS if set, else params
+`tune.threads_per_worker`, else its share of the cores (an inherited OMP_NUM_THREADS is the
+parent's count, not the worker's).
 """
 
 from __future__ import annotations
