@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
-from xctsam.models.losses import segmentation_loss
+from xctsam.models.losses import class_argmax, segmentation_loss
 
 
 class Segmenter(nn.Module, ABC):
@@ -56,7 +56,7 @@ class MulticlassSegmenter(Segmenter):
         return outputs.float().softmax(dim=1)
 
     def to_labels(self, probabilities: torch.Tensor) -> torch.Tensor:
-        return probabilities.argmax(dim=1)
+        return class_argmax(probabilities)
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, int | float]:
