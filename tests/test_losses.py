@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xctsam.models.losses import binary_segmentation_loss, segmentation_loss
+from xctsam.models.losses import binary_segmentation_loss, class_argmax, segmentation_loss
 
 WEIGHTS = (1.0, 1.0, 3.0, 3.0)
 
@@ -123,3 +123,14 @@ def test_binary_dice_skips_channels_empty_in_truth_and_prediction() -> None:
     # nothing anywhere, nothing predicted: Dice adds nothing (not a fake zero score of 1)
     nothing = binary_segmentation_loss(empty_channel, torch.zeros_like(targets), 1.0)
     assert nothing.item() == pytest.approx(binary_segmentation_loss(empty_channel, torch.zeros_like(targets), 0.0).item())
+
+
+def test_class_argmax_is_argmax_over_classes_first_on_ties() -> None:
+    torch.manual_seed(0)
+    scores = torch.randn(3, 4, 17, 19)
+    scores[:, 2] = scores[:, 1]  # ties between classes 1 and 2: the first wins, as argmax
+    scores[0, :, 0, 0] = 0.0  # all four equal: class 0
+    assert torch.equal(class_argmax(scores), scores.argmax(dim=1))
+    assert torch.equal(class_argmax(scores.contiguous(memory_format=torch.channels_last)), scores.argmax(dim=1))
+    assert int(class_argmax(scores)[0, 0, 0]) == 0
+    assert not bool((class_argmax(scores) == 2).any())

@@ -59,11 +59,12 @@ def eval_models(
 
     from xctsam.config.params import load_params
     from xctsam.eval.evaluate import evaluate_models
+    from xctsam.eval.label_cache import LabelCache
     from xctsam.models.factory import load_segmenter
 
     config = load_params(params)
     loaded = {name: load_segmenter(path)[:2] for name, path in _named_models(model).items()}
-    report = evaluate_models(loaded, config, root, out, defects_out=defects_out if defects else None)
+    report = evaluate_models(loaded, config, root, out, defects_out=defects_out if defects else None, cache=LabelCache.default())
     print(json.dumps({"miou": report["miou"]}, indent=2))
 
 
@@ -113,8 +114,9 @@ def eval_forgetting(
 
     from xctsam.config.params import load_params
     from xctsam.eval.forgetting import evaluate_forgetting
+    from xctsam.eval.label_cache import LabelCache
 
-    report = evaluate_forgetting(load_params(params), root, _named_models(model), out)
+    report = evaluate_forgetting(load_params(params), root, _named_models(model), out, cache=LabelCache.default())
     print(json.dumps({variant: deltas["mean"] for variant, deltas in report["deltas"].items()}, indent=2))
 
 
@@ -128,9 +130,10 @@ def eval_robustness(
 ) -> None:
     """IoU per class as Gaussian and Poisson noise grow on robustness.splits, for each model."""
     from xctsam.config.params import load_params
+    from xctsam.eval.label_cache import LabelCache
     from xctsam.eval.robustness import evaluate_robustness
     from xctsam.models.factory import load_segmenter
 
     loaded = {name: load_segmenter(path)[:2] for name, path in _named_models(model).items()}
-    rows = evaluate_robustness(loaded, load_params(params), root, out, png_dir)
+    rows = evaluate_robustness(loaded, load_params(params), root, out, png_dir, cache=LabelCache.default())
     print(f"{len(rows)} rows -> {out}; plots in {png_dir}")

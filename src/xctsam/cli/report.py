@@ -18,7 +18,8 @@ def report(
 ) -> None:
     """reports/study.md and a self-contained study.html: FID, IoU, forgetting, robustness, overlays."""
     from xctsam.config.params import load_params
+    from xctsam.eval.label_cache import LabelCache
     from xctsam.report.stage import write_report
 
-    for path in write_report(load_params(params), Path("."), out, data_root=root):
+    for path in write_report(load_params(params), Path("."), out, data_root=root, cache=LabelCache.default()):
         print(path)

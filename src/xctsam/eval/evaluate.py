@@ -54,6 +54,7 @@ from xctsam.eval.bootstrap import (
     resampled_unit,
 )
 from xctsam.eval.defects import PORE, DefectReport, combined, defect_scores
+from xctsam.eval.label_cache import LabelCache
 from xctsam.eval.metrics import ConfusionCounter, summarise
 from xctsam.eval.predict import SliceTransform, predict_volume
 from xctsam.models.base import Segmenter
@@ -159,13 +160,19 @@ def count_volume(
     counts: SplitCounts,
     transform: SliceTransform | None = None,
     defects: DefectsConfig | None = None,
+    cache: LabelCache | None = None,
 ) -> None:
     """Predict one labelled volume and add its slices to `counts` (as the next volume); with
-    `defects`, also its per-defect scores (which need the whole predicted volume in memory)."""
+    `defects`, also its per-defect scores (which need the whole predicted volume in memory).
+    With `cache`, an untransformed prediction is read from it when stored there, and stored."""
     volume_index = counts.volume_of_slice[-1] + 1 if counts.volume_of_slice else 0
     with Volume(path) as volume:
         predicted = np.zeros(volume.shape, dtype=np.uint8) if defects is not None else None
-        for z, labels, _ in predict_volume(model, volume, window, config, device, transform=transform, progress=False):
+        if cache is not None and transform is None:
+            slices = cache.predictions(model, volume, window, config, device)
+        else:
+            slices = ((z, labels) for z, labels, _ in predict_volume(model, volume, window, config, device, transform=transform, progress=False))
+        for z, labels in slices:
             counts.per_slice.append(counts.counter.update(labels, volume.labels(z, z + 1)[0]))
             counts.volume_of_slice.append(volume_index)
             if predicted is not None:
@@ -185,6 +192,7 @@ def count_splits(
     name: str = "model",
     progress: bool = True,
     defects: DefectsConfig | None = None,
+    cache: LabelCache | None = None,
 ) -> dict[str, SplitCounts]:
     """{split: SplitCounts} over every labelled volume of each split folder.
 
@@ -198,7 +206,7 @@ def count_splits(
         if progress:
             volumes = list(track(volumes, f"eval {name} on {split}", total=len(volumes)))
         for path in volumes:
-            count_volume(model, path, window, config, device, counts, transform, defects)
+            count_volume(model, path, window, config, device, counts, transform, defects, cache)
         results[split] = counts
     return results
 
@@ -213,9 +221,10 @@ def evaluate_model(
     transform: SliceTransform | None = None,
     name: str = "model",
     progress: bool = True,
+    cache: LabelCache | None = None,
 ) -> dict[str, dict[str, Any]]:
     """{split: metrics.summarise(...)} over every labelled volume of each split folder."""
-    counts = count_splits(model, window, split_dirs, config, device, transform=transform, name=name, progress=progress)
+    counts = count_splits(model, window, split_dirs, config, device, transform=transform, name=name, progress=progress, cache=cache)
     return {split: split_counts.summary() for split, split_counts in counts.items()}
 
 
@@ -264,6 +273,7 @@ def evaluate_models(
     log_mlflow: bool = True,
     progress: bool = True,
     defects_out: Path | None = None,
+    cache: LabelCache | None = None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Score every (name -> (model, window)) on every eval.splits folder; write `out`, log MLflow.
 
@@ -277,7 +287,7 @@ def evaluate_models(
     bootstrap, seed = params.eval.bootstrap, params.seed
     scored_defects = params.defects if defects_out is not None else None
     counts = {
-        name: count_splits(model, window, split_dirs, params.predict, device, transform=transform, name=name, progress=progress, defects=scored_defects)
+        name: count_splits(model, window, split_dirs, params.predict, device, transform=transform, name=name, progress=progress, defects=scored_defects, cache=cache)
         for name, (model, window) in models.items()
     }
     defects = {name: {split: c.defect_report().as_dict() for split, c in splits.items()} for name, splits in counts.items()} if defects_out else {}

@@ -43,6 +43,7 @@ from xctsam.data.split_folders import split_name
 from xctsam.eval.bootstrap import percentile_interval, resampled_iou
 from xctsam.eval.evaluate import SplitCounts, count_volume
 from xctsam.eval.holdout import check_no_overlap, evaluation_volumes
+from xctsam.eval.label_cache import LabelCache
 from xctsam.eval.metrics import iou_dice
 from xctsam.models.base import Segmenter
 from xctsam.util.jsonfile import write_json
@@ -106,6 +107,7 @@ def count_volumes(
     *,
     name: str = "model",
     progress: bool = True,
+    cache: LabelCache | None = None,
 ) -> dict[str, SplitCounts]:
     """{split name: its confusion counts} over the given volumes of each split folder."""
     counted: dict[str, SplitCounts] = {}
@@ -117,7 +119,7 @@ def count_volumes(
             else paths
         )
         for path in chosen:
-            count_volume(model, path, window, config, device, counts)
+            count_volume(model, path, window, config, device, counts, cache=cache)
         counted[split_name(folder)] = counts
     return counted
 
@@ -191,6 +193,7 @@ def evaluate_forgetting(
     device: torch.device | str | None = None,
     log_mlflow: bool = True,
     progress: bool = True,
+    cache: LabelCache | None = None,
 ) -> dict[str, dict]:
     """Score SAM-GAN and its fine-tuned variants (name -> best.pt) on the evaluation volumes;
     write `out` and log the MLflow run. Returns the report as written (NaN where JSON has null)."""
@@ -203,7 +206,7 @@ def evaluate_forgetting(
     for name, path in models.items():
         model, window, meta = load_segmenter(Path(path))
         _check_model_volumes(meta, volumes)
-        counts[name] = count_volumes(model, window, volumes, params.predict, device, name=name, progress=progress)
+        counts[name] = count_volumes(model, window, volumes, params.predict, device, name=name, progress=progress, cache=cache)
     iou = {name: _iou(by_split) for name, by_split in counts.items()}
     tuned = {split_name(folder) for folder in params.finetune.volumes}
     roles = {split: "adaptation" if split in tuned else "transfer" for split in iou[BASELINE]}

@@ -37,6 +37,7 @@ from xctsam.config.eval import PredictConfig, RobustnessConfig
 from xctsam.config.params import Params
 from xctsam.data.datasets import IntensityWindow
 from xctsam.eval.evaluate import Models, eval_split_dirs, evaluate_model
+from xctsam.eval.label_cache import LabelCache
 from xctsam.models.base import Segmenter
 from xctsam.util.atomic import atomic_path
 from xctsam.util.jsonfile import write_json
@@ -107,13 +108,14 @@ def score_model(
     seed: int,
     device: torch.device | str | None,
     progress: bool,
+    cache: LabelCache | None = None,
 ) -> list[Row]:
     """Rows {model, split, noise, level, class, iou} of one model at every (kind, level) of `levels`."""
     rows: list[Row] = []
     for kind, level in levels:
         transform = noise_transform(kind, level, seed)
         label = f"{name} {kind} {level_key(level)}"
-        results = evaluate_model(model, window, split_dirs, predict, device, transform=transform, name=label, progress=progress)
+        results = evaluate_model(model, window, split_dirs, predict, device, transform=transform, name=label, progress=progress, cache=cache)
         for split, summary in results.items():
             rows.extend(
                 {"model": name, "split": split, "noise": kind, "level": level, "class": cls, "iou": float(iou)}
@@ -203,6 +205,7 @@ def evaluate_robustness(
     device: torch.device | str | None = None,
     log_mlflow: bool = True,
     progress: bool = True,
+    cache: LabelCache | None = None,
 ) -> list[Row]:
     """Score every (name -> (model, window)) on robustness.splits at every noise level.
 
@@ -210,7 +213,7 @@ def evaluate_robustness(
     the MLflow run `robustness`. Returns the rows (NaN where the JSON has null).
     """
     split_dirs = eval_split_dirs(params.robustness.splits, data_root)
-    rows = [row for name, (model, window) in models.items() for row in score_model(name, model, window, split_dirs, noise_levels(params.robustness), params.predict, params.seed, device, progress)]
+    rows = [row for name, (model, window) in models.items() for row in score_model(name, model, window, split_dirs, noise_levels(params.robustness), params.predict, params.seed, device, progress, cache)]
     write_rows(rows, out_json)
     pngs = write_plots(rows, list(models), list(split_dirs), png_dir)
     if log_mlflow:

@@ -11,6 +11,7 @@ import numpy as np
 from xctsam.config.eval import PredictConfig
 from xctsam.data.split_folders import split_name, split_volumes
 from xctsam.data.volumes import Volume
+from xctsam.eval.label_cache import LabelCache
 from xctsam.report.inputs import model_name
 from xctsam.util.atomic import atomic_path
 
@@ -31,10 +32,14 @@ def first_labelled_volume(split_dir: Path) -> Path | None:
     return None
 
 
-def predicted_slices(model: Any, window: Any, volume: Volume, slices: Sequence[int], predict: PredictConfig) -> dict[int, np.ndarray]:
-    """Labels of `slices` only, each predicted with its own context (not the slices before it)."""
+def predicted_slices(model: Any, window: Any, volume: Volume, slices: Sequence[int], predict: PredictConfig, cache: LabelCache | None = None) -> dict[int, np.ndarray]:
+    """Labels of `slices`: from the evaluation's stored whole-volume labels when `cache` holds
+    them, else of these slices only, each predicted with its own context (not the slices before it)."""
     from xctsam.eval.predict import predict_volume
 
+    stored = None if cache is None else cache.lookup(model, volume, window, predict)
+    if stored is not None:
+        return {z: np.asarray(stored[z]) for z in slices}
     return {prediction.z: prediction.labels for prediction in predict_volume(model, volume, window, predict, progress=False, slices=slices)}
 
 
@@ -57,7 +62,7 @@ def draw_overlay(image: np.ndarray, panels: Mapping[str, np.ndarray], title: str
         figure.savefig(tmp, format="png", dpi=80)
 
 
-def write_overlays(splits: Sequence[str], predict: PredictConfig, data_root: Path, models: Mapping[str, Path], out_dir: Path) -> list[Path]:
+def write_overlays(splits: Sequence[str], predict: PredictConfig, data_root: Path, models: Mapping[str, Path], out_dir: Path, cache: LabelCache | None = None) -> list[Path]:
     """Overlay PNGs for two slices of the first labelled volume of each of `splits`; [] without models."""
     from xctsam.models.factory import load_segmenter
 
@@ -72,7 +77,7 @@ def write_overlays(splits: Sequence[str], predict: PredictConfig, data_root: Pat
             continue
         with Volume(volume_path) as volume:
             slices = overlay_slices(volume.n_slices)
-            predictions = {name: predicted_slices(model, window, volume, slices, predict) for name, (model, window, _) in loaded.items()}
+            predictions = {name: predicted_slices(model, window, volume, slices, predict, cache) for name, (model, window, _) in loaded.items()}
             for z in slices:
                 panels = {"truth": volume.labels(z, z + 1)[0], **{name: found[z] for name, found in predictions.items()}}
                 out_png = out_dir / "overlays" / f"{split_name(folder)}_z{z:03d}.png"

@@ -9,6 +9,7 @@ from typing import Any
 
 from xctsam.config.params import Params
 from xctsam.data.split_folders import split_name
+from xctsam.eval.label_cache import LabelCache
 from xctsam.report.figures import draw_defect_recall, draw_iou_vs_kid
 from xctsam.report.inputs import (
     ABLATION_DIR,
@@ -50,7 +51,7 @@ SHIFT_PNG = "iou_vs_kid.png"
 
 
 # ---------------------------------------------------------------- sections
-def build_sections(params: Params, root: Path, out_dir: Path, models: Mapping[str, Path], data_root: Path) -> list[Section]:
+def build_sections(params: Params, root: Path, out_dir: Path, models: Mapping[str, Path], data_root: Path, cache: LabelCache | None = None) -> list[Section]:
     """The report's sections in the study's order; a stage not run yet gives its note instead of a table."""
     metrics = root / "metrics"
     fid = read_json(metrics / "fid.json")
@@ -60,7 +61,7 @@ def build_sections(params: Params, root: Path, out_dir: Path, models: Mapping[st
     forgetting = read_json(metrics / "forgetting.json")
     order = split_order(fid, [split_name(folder) for folder in params.eval.splits])
     robustness_pngs = sorted((root / "reports" / "robustness").glob("*.png"))
-    overlays = write_overlays(params.eval.splits, params.predict, data_root, models, out_dir)
+    overlays = write_overlays(params.eval.splits, params.predict, data_root, models, out_dir, cache)
     return [
         Section("Distance to the training set (FID, KID)", note=distance_note(fid), table=distance_table(fid) if fid else None),
         Section("IoU per class: SAM-GAN vs U-Net", note=iou_note(evaluation, zero_shots), table=iou_table(evaluation, order) if evaluation else None),
@@ -118,6 +119,7 @@ def write_report(
     *,
     data_root: Path | None = None,
     log_mlflow: bool = True,
+    cache: LabelCache | None = None,
 ) -> tuple[Path, Path]:
     """Write out_dir/study.md, out_dir/study.html, out_dir/overlays/*.png and the figures
     (defects_recall.png, iou_vs_kid.png, when their metrics exist); return (md, html).
@@ -126,12 +128,14 @@ def write_report(
     relative `out_dir`, model path or `data_root` is taken relative to it. `models` maps
     eval.json keys ("sam", "unet") to checkpoints; by default models/<key>/best.pt. `data_root`
     holds the split folders the overlays are drawn from; by default params `study.root`.
+    `cache`: where the evaluation stored its predicted labels (eval.label_cache); the overlays
+    read theirs from it when there, instead of running the models again.
     """
     root = Path(root)
     data_root = root / (params.study.root if data_root is None else data_root)
     out_dir = root / out_dir
     models = {key: root / path for key, path in (default_models(root) if models is None else models).items()}
-    sections = build_sections(params, root, out_dir, models, data_root)
+    sections = build_sections(params, root, out_dir, models, data_root, cache)
     md_path, html_path = out_dir / "study.md", out_dir / "study.html"
     write_text_atomic(md_path, render_markdown(sections, out_dir))
     write_text_atomic(html_path, render_html(sections))

@@ -31,7 +31,7 @@ def project_root(start: Path | None = None) -> Path:
     return here
 
 
-def _outside_dvc_temp(root: Path) -> Path:
+def outside_dvc_temp(root: Path) -> Path:
     """DVC queued/temp experiments run in <project>/.dvc/tmp/exps/...: log to the project itself."""
     parts = root.parts
     if ".dvc" in parts:
@@ -40,7 +40,7 @@ def _outside_dvc_temp(root: Path) -> Path:
 
 
 def store_dir(root: Path | None = None) -> Path:
-    return _outside_dvc_temp(project_root(root)) / STORE_DIR
+    return outside_dvc_temp(project_root(root)) / STORE_DIR
 
 
 def tracking_uri(root: Path | None = None) -> str:
@@ -163,7 +163,7 @@ def _pipeline_run(experiment_id: str, key: str) -> str:
     found = client.search_runs([experiment_id], filter_string=f"tags.`{EXECUTION_TAG}` = '{key}' and tags.stage = 'pipeline'", max_results=1)
     if found:
         return found[0].info.run_id
-    root = _outside_dvc_temp(project_root())
+    root = outside_dvc_temp(project_root())
     tags = {EXECUTION_TAG: key, "stage": "pipeline", **_git_tags(root)}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
