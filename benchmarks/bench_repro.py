@@ -8,7 +8,9 @@ end), so it includes the process start, imports and MLflow set-up. Last, a secon
 `dvc repro` with nothing to do (the no-op target). Prints a table, slowest first, and the
 totals; --json writes them too.
 
-    .venv/bin/python benchmarks/bench_repro.py --workdir /tmp/bench-repro [--overlay configs/real-samgan.yaml] [--json times.json]
+    .venv/bin/python benchmarks/bench_repro.py --workdir /tmp/bench-repro [--overlay configs/real-samgan.yaml] [--json times.json] [STAGE ...]
+
+With STAGE names (e.g. `evaluate`), only those and what they need are reproduced.
 """
 
 from __future__ import annotations
@@ -33,11 +35,11 @@ def timed(command: list[str], cwd: Path, env: dict[str, str]) -> float:
     return time.perf_counter() - began
 
 
-def repro_stage_times(clone: Path, env: dict[str, str], log: Path) -> tuple[dict[str, float], float]:
-    """(seconds per stage, total) of one `dvc repro`, its output copied to `log`."""
+def repro_stage_times(clone: Path, env: dict[str, str], log: Path, targets: list[str]) -> tuple[dict[str, float], float]:
+    """(seconds per stage, total) of one `dvc repro [targets]`, its output copied to `log`."""
     marks: list[tuple[str, float]] = []
     began = time.perf_counter()
-    with subprocess.Popen(["dvc", "repro"], cwd=clone, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as process, log.open("w") as out:
+    with subprocess.Popen(["dvc", "repro", *targets], cwd=clone, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as process, log.open("w") as out:
         assert process.stdout is not None
         for line in process.stdout:
             out.write(line)
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, required=True, help="an empty or missing folder (never an existing clone)")
     parser.add_argument("--overlay", help="params overlay applied before dvc repro (xctsam params apply)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("targets", nargs="*", help="stages to reproduce with what they need (default: all), e.g. evaluate")
     args = parser.parse_args()
     if args.workdir.exists() and any(args.workdir.iterdir()):
         raise SystemExit(f"{args.workdir}: not empty; give a new folder")
@@ -72,14 +75,14 @@ def main() -> None:
     print(f"make install: {install:.0f} s")
     if args.overlay:
         subprocess.run(["xctsam", "params", "apply", args.overlay], cwd=clone, env=env, check=True, stdout=subprocess.DEVNULL)
-    stages, total = repro_stage_times(clone, env, args.workdir / "repro.log")
-    no_op = timed(["dvc", "repro"], clone, env)
+    stages, total = repro_stage_times(clone, env, args.workdir / "repro.log", args.targets)
+    no_op = timed(["dvc", "repro", *args.targets], clone, env)
     print(f"\n{'stage':40s} {'seconds':>8s}")
     for name, seconds in sorted(stages.items(), key=lambda item: -item[1]):
         print(f"{name:40s} {seconds:8.0f}")
     print(f"\ndvc repro {total:.0f} s ({total / 60:.1f} min); with install {(total + install) / 60:.1f} min; no-op dvc repro {no_op:.1f} s")
     if args.json:
-        args.json.write_text(json.dumps({"install_s": install, "repro_s": total, "no_op_s": no_op, "stages_s": stages, "overlay": args.overlay, "python": sys.version.split()[0]}, indent=2))
+        args.json.write_text(json.dumps({"install_s": install, "repro_s": total, "no_op_s": no_op, "stages_s": stages, "overlay": args.overlay, "targets": args.targets, "python": sys.version.split()[0]}, indent=2))
     shutil.copy(clone / "dvc.lock", args.workdir / "dvc.lock")
 
 
