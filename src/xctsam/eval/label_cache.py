@@ -75,18 +75,16 @@ class LabelCache:
 
     def __init__(self, folder: Path | None) -> None:
         self.folder = None if folder is None else Path(folder) / "labels"
-        self._models: dict[int, tuple[Segmenter, str]] = {}
+        self._digests: dict[Segmenter, str] = {}  # modules hash by identity
 
     @classmethod
     def default(cls) -> LabelCache:
         return cls(default_folder())
 
     def _model_digest(self, model: Segmenter) -> str:
-        known = self._models.get(id(model))
-        if known is None or known[0] is not model:
-            known = (model, model_digest(model))
-            self._models[id(model)] = known
-        return known[1]
+        if model not in self._digests:
+            self._digests[model] = model_digest(model)
+        return self._digests[model]
 
     def path(self, model: Segmenter, volume: Volume, window: IntensityWindow, config: PredictConfig, device: torch.device) -> Path | None:
         if self.folder is None:
