@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from xctsam.config.base import Int, NonNegativeFloat, PositiveFloat, StrictModel
+from xctsam.config.refine import RefineConfig
 
 
 # ---------------------------------------------------------------- SAM
@@ -67,3 +68,4 @@ class SamConfig(StrictModel):
     # multiclass: one prompt-free decoder with a mask per class (softmax);
     # per_class: the study's layout, one binary model per class, painted material -> pore -> inclusion
     layout: Literal["multiclass", "per_class"] = "multiclass"
+    refine: RefineConfig = RefineConfig()  # full-resolution head on the decoder's logits (channels 0: none)

@@ -31,6 +31,10 @@ class TrainConfig(StrictModel):
     patience: Annotated[Int, Field(ge=1)] = 5  # epochs without validation mIoU gain before stopping
     checkpoint_every: Annotated[Int, Field(ge=1)] = 100
     val_slices: Annotated[Int, Field(ge=1)] = 16  # validation slices (seeded), scored whole
+    # window: one grey window for every volume (measured on the training slices). peaks: each
+    # volume's background and material levels first matched to the training data's (scans at
+    # other grey levels: other scanners, alloys, exports), the study's histogram match.
+    intensity: Literal["window", "peaks"] = "window"
 
 
 class TrainSection(StrictModel):

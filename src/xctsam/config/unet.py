@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import Field, model_validator
 
 from xctsam.config.base import Int, StrictModel
+from xctsam.config.refine import RefineConfig
 
 
 # ---------------------------------------------------------------- 2.5D U-Net
@@ -15,6 +16,7 @@ class UNetConfig(StrictModel):
     context: Annotated[Int, Field(ge=1)] = 5  # adjacent slices as input channels (odd; edges reflected)
     filters: Annotated[Int, Field(ge=4)] = 16  # channels at the first level, doubled per level
     depth: Annotated[Int, Field(ge=2, le=6)] = 4  # resolution levels
+    refine: RefineConfig = RefineConfig()  # full-resolution head on the logits (channels 0: none)
 
     @model_validator(mode="after")
     def _odd_context(self) -> UNetConfig:

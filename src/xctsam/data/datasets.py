@@ -2,17 +2,22 @@
 
 Volumes keep their physical (or scanner) grey values; models see values normalised by an
 `IntensityWindow` measured on their training data and stored with the model, so the same
-mapping is applied at inference.
+mapping is applied at inference. With `peaks` set, each volume is first matched to the training
+data by its own background and material grey levels (`IntensityWindow.for_volume`): a scan from
+another scanner, alloy or export (the release's Te-5 sits at grey 104 / 158 where training sits
+at 23 / 39) then reaches the model at the grey levels it was trained on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from skimage.filters import threshold_otsu
 
 from xctsam.data.split_folders import split_volumes
 from xctsam.data.volumes import Volume
@@ -85,12 +90,61 @@ class SliceReader:
         self.close()
 
 
+# Peaks are measured on this many slices spread evenly through a volume, every PEAK_STRIDE-th
+# pixel in-plane: the two grey modes of a part are broad, so a sample finds them as well as
+# every voxel would (the study's hist_match.py measures them on a 10x downsampled slice).
+PEAK_SLICES = 16
+PEAK_STRIDE = 4
+
+
+def grey_peaks(values: np.ndarray) -> tuple[float, float] | None:
+    """(background, material) grey levels of a scan's values: the medians either side of Otsu's
+    threshold, as the study's two-peak histogram match measures them. None where the values do
+    not split into two (a constant or empty sample): such a volume is left as it is."""
+    values = np.asarray(values, dtype=np.float32).ravel()
+    if values.size < 2 or not values.max() > values.min():
+        return None
+    threshold = threshold_otsu(values)
+    dark, bright = values[values < threshold], values[values >= threshold]
+    if dark.size == 0 or bright.size == 0:
+        return None
+    low, high = float(np.median(dark)), float(np.median(bright))
+    return (low, high) if high > low else None
+
+
+@lru_cache(maxsize=512)
+def _volume_peaks(path: str, modified_ns: int, size: int) -> tuple[float, float] | None:
+    # keyed by modification time and size too: a volume rewritten under the same name is measured again
+    with Volume(Path(path)) as volume:
+        depth = volume.n_slices
+        chosen = np.unique(np.linspace(0, depth - 1, min(PEAK_SLICES, depth)).round().astype(int))
+        values = np.concatenate([volume.image(int(z), int(z) + 1)[0, ::PEAK_STRIDE, ::PEAK_STRIDE].ravel() for z in chosen])
+    return grey_peaks(values)
+
+
+def volume_peaks(path: Path) -> tuple[float, float] | None:
+    """(background, material) grey levels of one volume file (grey_peaks on a sample of its slices)."""
+    stat = Path(path).stat()
+    return _volume_peaks(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
 @dataclass(frozen=True)
 class IntensityWindow:
-    """Maps grey values [low, high] linearly onto [0, 1] (clipped)."""
+    """Maps grey values [low, high] linearly onto [0, 1] (clipped).
+
+    `peaks`: the training data's (background, material) grey levels, or None. When set,
+    `for_volume` gives each volume the window that first maps its own two levels linearly onto
+    these (the study's histogram match, per volume rather than per slice, so slices showing no
+    part are mapped as their neighbours are).
+    """
 
     low: float
     high: float
+    peaks: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.peaks is not None:  # from JSON a list: stored as a tuple so windows compare and hash
+            object.__setattr__(self, "peaks", (float(self.peaks[0]), float(self.peaks[1])))
 
     def normalise(self, image: np.ndarray) -> np.ndarray:
         scaled = (np.asarray(image, dtype=np.float32) - self.low) / max(self.high - self.low, 1e-12)
@@ -99,18 +153,35 @@ class IntensityWindow:
     def denormalise(self, unit: np.ndarray) -> np.ndarray:
         return (np.asarray(unit, dtype=np.float32) * (self.high - self.low) + self.low).astype(np.float32)
 
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+    def for_volume(self, path: Path) -> IntensityWindow:
+        """The window to normalise volume `path` with: this one, or with `peaks` set, this one
+        moved into the volume's own grey units so that its peaks land where the training data's are.
+        A volume whose peaks cannot be found is normalised as it is."""
+        if self.peaks is None:
+            return self
+        found = volume_peaks(path)
+        if found is None:
+            return IntensityWindow(self.low, self.high)
+        (train_low, train_high), (own_low, own_high) = self.peaks, found
+        scale = (train_high - train_low) / (own_high - own_low)  # own grey units -> training's
+        return IntensityWindow(own_low + (self.low - train_low) / scale, own_low + (self.high - train_low) / scale)
+
+    def to_dict(self) -> dict[str, Any]:
+        # without peaks, the two keys windows have always had (models' meta, cache keys)
+        return asdict(self) if self.peaks is not None else {"low": self.low, "high": self.high}
 
     @classmethod
-    def measure(cls, refs: Sequence[SliceRef], percentiles: tuple[float, float] = (0.5, 99.5), max_slices: int = 64, seed: int = 0) -> IntensityWindow:
-        """Robust window from percentiles of a seeded sample of slices."""
+    def measure(
+        cls, refs: Sequence[SliceRef], percentiles: tuple[float, float] = (0.5, 99.5), max_slices: int = 64, seed: int = 0, match_peaks: bool = False,
+    ) -> IntensityWindow:
+        """Robust window from percentiles of a seeded sample of slices; with `match_peaks`, the
+        sample's background and material levels too (every volume is then matched to them)."""
         with SliceReader() as reader:
             values = np.concatenate([reader.image(ref).ravel() for ref in sample_slices(refs, max_slices, seed)])
         low, high = np.percentile(values, percentiles)
         if not high > low:
             high = low + 1.0  # a constant image: any window maps it to one value
-        return cls(float(low), float(high))
+        return cls(float(low), float(high), grey_peaks(values[::PEAK_STRIDE]) if match_peaks else None)
 
 
 class TileSampler:

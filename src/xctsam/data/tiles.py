@@ -204,7 +204,7 @@ class SegmentationTiles:
         window = (slice(y, y + self.tile), slice(x, x + self.tile))
         image = _pad_to(self.reader.context(ref, self.context), self.tile)[(slice(None), *window)]
         labels = _pad_to(self.reader.labels(ref), self.tile)[window]
-        return self.window.normalise(image), labels
+        return self.window.for_volume(ref.volume).normalise(image), labels
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(images (n, context, tile, tile) float32 in [0, 1], labels (n, tile, tile) uint8)."""

@@ -100,7 +100,7 @@ class _NormalisedSlices:
 
     def __init__(self, volume: Volume, window: IntensityWindow, transform: SliceTransform | None, keep: int) -> None:
         self.volume = volume
-        self.window = window
+        self.window = window.for_volume(volume.path)  # matched to this volume's grey levels, if the model asks
         self.transform = transform
         self.keep = keep
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()

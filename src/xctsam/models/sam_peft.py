@@ -12,6 +12,8 @@ and prompt encoders is frozen. `Sam.forward` runs under no_grad, so the parts ar
          no-op and its transformer broadcasts the tokens over the B images (checked equal to
          one call per image, and ~2x faster with backward on CPU at batch 4-8)
       -> the first `masks` mask tokens' low-res logits (image_size / 4), bilinear to (h, w)
+      -> with sam.refine, a full-resolution head over (logits, tile) adds what the quarter-size
+         decoder blurs away (models/refine.py)
 
 The mask decoder trains, except the parts no output uses (they would be trainable tensors that
 nothing trains): the IoU head, and the hypernetwork MLPs of mask tokens beyond `masks`.
@@ -42,6 +44,7 @@ from xctsam.config.sam import ConvLoraConfig, SamConfig
 from xctsam.models.base import MulticlassSegmenter, Segmenter
 from xctsam.models.conv_lora import ConvLoRAQKV, collect_balance_loss, inject_conv_lora
 from xctsam.models.losses import binary_segmentation_loss
+from xctsam.models.refine import refine_head
 from xctsam.models.sam_builder import Sam, build_sam
 
 PIXEL_RANGE = 255.0  # SAM's normalisation expects 0..255 RGB
@@ -161,12 +164,14 @@ class PeftSam(_ConvLoraSegmenter, MulticlassSegmenter):
         self.network = PromptFreeSam(
             sam if sam is not None else build_sam(config), config.lora, NUM_CLASSES
         )
+        self.refine = refine_head(NUM_CLASSES, 1, config.refine)
 
     def networks(self) -> list[PromptFreeSam]:
         return [self.network]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network(images)
+        logits = self.network(images)
+        return logits if self.refine is None else self.refine(logits, images)
 
 
 class PerClassPeftSam(_ConvLoraSegmenter):
@@ -194,12 +199,14 @@ class PerClassPeftSam(_ConvLoraSegmenter):
                 for name, copy_ in zip(PER_CLASS_ORDER, copies)
             }
         )
+        self.refine = refine_head(len(PER_CLASS_ORDER), 1, config.refine)
 
     def networks(self) -> list[PromptFreeSam]:
         return list(self.heads.values())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([head(images) for head in self.heads.values()], dim=1)
+        logits = torch.cat([head(images) for head in self.heads.values()], dim=1)
+        return logits if self.refine is None else self.refine(logits, images)
 
     @staticmethod
     def binary_targets(labels: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,9 @@ halved depth - 1 times. Any H, W is accepted: the input is edge-padded to a mult
 GroupNorm rather than BatchNorm: training batches are a handful of tiles (4 by default) and
 inference runs on other tile counts, where BatchNorm's batch statistics are noisy and its
 running averages differ from what training saw; GroupNorm behaves the same for any batch.
+Its price: each tile's absolute grey level is normalised away, so a tile of bare background
+(Te-3's sparse part in a 1024^2 field) can look like one of bare material. `unet.refine` adds a
+norm-free full-resolution head over (logits, input) that sees the level again (models/refine.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import nn
 from xctsam import NUM_CLASSES
 from xctsam.config.unet import UNetConfig
 from xctsam.models.base import MulticlassSegmenter
+from xctsam.models.refine import refine_head
 
 _MAX_GROUPS = 8
 
@@ -75,6 +79,7 @@ class UNet25D(MulticlassSegmenter):
         self.down = nn.ModuleList(conv_block(c_in, c_out) for c_in, c_out in zip([config.context, *widths[:-1]], widths))
         self.up = nn.ModuleList(UpLevel(c_in, c_out) for c_in, c_out in zip(widths[:0:-1], widths[-2::-1]))
         self.head = nn.Conv2d(widths[0], num_classes, kernel_size=1)
+        self.refine = refine_head(num_classes, config.context, config.refine)
         # channels-last (NHWC) weights and activations: oneDNN's convolutions run about twice as
         # fast in inference on CPU (measured, same outputs to 1e-5); .to(device) and checkpoint
         # loading keep the layout
@@ -102,5 +107,6 @@ class UNet25D(MulticlassSegmenter):
             skips.append(features)
         for up, skip in zip(self.up, reversed(skips[:-1])):
             features = up(features, skip)
-        return self.head(features)[..., :height, :width]
+        logits = self.head(features)[..., :height, :width]
+        return logits if self.refine is None else self.refine(logits, images)
 

@@ -45,7 +45,7 @@ def prepare_training(kind: ModelKind, params: Params, data_root: Path) -> Prepar
     config = getattr(params.train, kind)
     split_dirs = [Path(data_root) / split for split in config.splits]
     train_refs, val_refs = validation_slices(split_dirs, config.val_volumes)
-    window = IntensityWindow.measure(train_refs, seed=params.seed)
+    window = IntensityWindow.measure(train_refs, seed=params.seed, match_peaks=config.intensity == "peaks")
     architecture = params.sam if kind == "sam" else params.unet
     # the initial weights come from torch's RNG: seeded here, or every process starts from
     # other weights (the loop seeds its own streams only once the model exists). The same seed on

@@ -57,6 +57,6 @@ def whole_slice_batches(refs: Sequence[SliceRef], window: IntensityWindow, conte
     def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         with ContextReader() as reader:
             for ref in chosen:
-                yield window.normalise(read_context(reader, ref, context))[None], reader.labels(ref)[None]
+                yield window.for_volume(ref.volume).normalise(read_context(reader, ref, context))[None], reader.labels(ref)[None]
 
     return batches
