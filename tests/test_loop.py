@@ -344,6 +344,23 @@ def test_whole_slice_batches_read_normalised_context_slices(tmp_path: Path) -> N
         np.testing.assert_array_equal(images, images_again)
 
 
+
+def test_validation_tiles_cover_each_slice_at_the_training_scale(tmp_path: Path) -> None:
+    labels = np.random.default_rng(0).integers(0, 4, size=(5, 12, 10), dtype=np.uint8)
+    image = labels.astype(np.float32) * 10
+    write_volume(tmp_path / "v.h5", image, labels)
+    refs = [SliceRef(tmp_path / "v.h5", z) for z in range(5)]
+    whole = list(whole_slice_batches(refs, IntensityWindow(0.0, 40.0), context=1, count=2, seed=1)())
+    tiled = list(whole_slice_batches(refs, IntensityWindow(0.0, 40.0), context=1, count=2, seed=1, tile=8)())
+    for (slice_image, slice_labels), (tiles, tile_labels) in zip(whole, tiled):
+        # 12 x 10 with 8 x 8 tiles: starts 0, 4 down and 0, 2 across, the last flush with the edge
+        assert tiles.shape == (4, 1, 8, 8) and tile_labels.shape == (4, 8, 8)
+        np.testing.assert_array_equal(tiles[3], slice_image[0, :, 4:12, 2:10])
+        np.testing.assert_array_equal(tile_labels[0], slice_labels[0, :8, :8])
+    small = list(whole_slice_batches(refs, IntensityWindow(0.0, 40.0), context=1, count=1, seed=1, tile=16)())
+    assert small[0][0].shape == (1, 1, 12, 10)  # a slice smaller than the tile stays whole
+
+
 # ---------------------------------------------------------------- checkpoint helpers
 def test_segmenter_checkpoint_rebuilds_the_model(uninterrupted: loop.TrainResult) -> None:
     state, meta = load_segmenter_checkpoint(uninterrupted.checkpoint)

@@ -183,3 +183,23 @@ def test_oversampled_centres_stay_within_the_given_slices(volumes) -> None:
         images, labels = tiles.batch(40)
     assert {locate(image[1, 0, 0], volumes)[1] for image in images} == {1, 3}
     assert all(np.isin(label, (2, 3)).any() for label in labels)
+
+
+def test_noise_augmentation_is_seeded_bounded_and_off_by_default(volumes) -> None:
+    refs = split_slices([next(iter(volumes)).parent])
+    window = IntensityWindow(0.0, 2.0)  # the fixture's grey values land inside [0, 1]
+
+    def batch(noise: float, seed: int = 4) -> tuple[np.ndarray, np.ndarray]:
+        return SegmentationTiles(refs, window, tile=8, context=3, oversample=0.5, seed=seed, noise=noise).batch(16)
+
+    clean, labels = batch(0.0)
+    noisy, noisy_labels = batch(0.2)
+    again, _ = batch(0.2)
+    np.testing.assert_array_equal(noisy, again)  # seeded: a resumed training sees the same tiles
+    assert noisy.min() >= 0.0 and noisy.max() <= 1.0
+    # the same places drawn (noise comes after the tile's place), values moved by up to ~0.2 std
+    np.testing.assert_array_equal(noisy_labels[0], labels[0])
+    residual = (noisy[0] - clean[0]).std()
+    assert 0.0 < residual < 0.25
+    # noise 0 draws nothing extra: tiles as they were before the option existed
+    np.testing.assert_array_equal(clean, SegmentationTiles(refs, window, tile=8, context=3, oversample=0.5, seed=4).batch(16)[0])

@@ -31,10 +31,16 @@ class TrainConfig(StrictModel):
     patience: Annotated[Int, Field(ge=1)] = 5  # epochs without validation mIoU gain before stopping
     checkpoint_every: Annotated[Int, Field(ge=1)] = 100
     val_slices: Annotated[Int, Field(ge=1)] = 16  # validation slices (seeded), scored whole
+    # slice: each validation slice is one input (SAM resizes it to its image size); tiles: cut
+    # into `tile` crops, the scale training and prediction use (slices much larger than tiles)
+    val_input: Literal["slice", "tiles"] = "slice"
     # window: one grey window for every volume (measured on the training slices). peaks: each
     # volume's background and material levels first matched to the training data's (scans at
     # other grey levels: other scanners, alloys, exports), the study's histogram match.
     intensity: Literal["window", "peaks"] = "window"
+    # largest std (in the model's [0, 1] window) of Gaussian noise added to a training tile, its
+    # std drawn per tile from [0, noise]; 0: none. Real scans are noisier than the training data.
+    noise: Annotated[Float, Field(ge=0, le=1)] = 0.0
 
 
 class TrainSection(StrictModel):

@@ -152,13 +152,14 @@ def _pad_to(array: np.ndarray, tile: int) -> np.ndarray:
 
 
 class SegmentationTiles:
-    """Seeded, resumable random 2.5D tiles with labels, oversampling pores and inclusions.
+    """Seeded, resumable random 2.5D tiles with labels, oversampling pores and inclusions, with
+    `noise` > 0 each tile given Gaussian noise of a random std up to it.
 
     `refs` are the slices eligible as tile centres (their neighbours are read whatever they
     are). With no defect voxel in those slices every tile is uniform, whatever `oversample`.
     """
 
-    def __init__(self, refs: Sequence[SliceRef], window: IntensityWindow, tile: int, context: int, oversample: float, seed: int) -> None:
+    def __init__(self, refs: Sequence[SliceRef], window: IntensityWindow, tile: int, context: int, oversample: float, seed: int, noise: float = 0.0) -> None:
         if not refs:
             raise ValueError("no slices to sample tiles from")
         if not 0 <= oversample <= 1:
@@ -168,6 +169,7 @@ class SegmentationTiles:
         self.tile = tile
         self.context = context
         self.oversample = oversample
+        self.noise = noise
         self.rng = np.random.default_rng(seed)
         self.reader = ContextReader()
         self.defects = {label: voxels for label, voxels in index_defects(self.refs).items() if len(voxels)}
@@ -213,9 +215,17 @@ class SegmentationTiles:
             wants_defect = self.rng.random() < self.oversample
             place = self._defect_tile() if wants_defect and self.defects else self._uniform_tile()
             image, label = self._read(*place)
+            if self.noise:
+                image = self._noisy(image)
             images.append(image)
             labels.append(label)
         return np.stack(images).astype(np.float32, copy=False), np.stack(labels)
+
+    def _noisy(self, image: np.ndarray) -> np.ndarray:
+        """The tile plus Gaussian noise of a std drawn uniformly from [0, noise] (window units):
+        real scans are noisier than the clean or GAN-made slices models train on."""
+        std = self.rng.uniform(0.0, self.noise)
+        return np.clip(image + std * self.rng.standard_normal(image.shape, dtype=np.float32), 0.0, 1.0)
 
     def rng_state(self) -> dict:
         return self.rng.bit_generator.state

@@ -58,8 +58,8 @@ def prepare_training(kind: ModelKind, params: Params, data_root: Path) -> Prepar
         from xctsam.models.foundation import describe_foundation
 
         meta["foundation"] = describe_foundation(params.sam)
-    sampler = SegmentationTiles(train_refs, window, config.tile, model.context, config.oversample, params.seed + process_rank())
-    validation = whole_slice_batches(val_refs, window, model.context, config.val_slices, params.seed)
+    sampler = SegmentationTiles(train_refs, window, config.tile, model.context, config.oversample, params.seed + process_rank(), noise=config.noise)
+    validation = whole_slice_batches(val_refs, window, model.context, config.val_slices, params.seed, config.tile if config.val_input == "tiles" else None)
     logged = {kind: meta["config"], "train": config.model_dump(mode="json"), "seed": params.seed}
     return Prepared(model, sampler, validation, config, meta, logged)
 

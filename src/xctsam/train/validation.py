@@ -11,6 +11,7 @@ from xctsam import CLASS_NAMES, NUM_CLASSES
 from xctsam.data.datasets import IntensityWindow, SliceRef, sample_slices
 from xctsam.data.tiles import ContextReader, read_context
 from xctsam.eval.metrics import ConfusionCounter, iou_dice, mean_defined
+from xctsam.eval.predict import tile_starts
 from xctsam.models.base import Segmenter
 from xctsam.train.optimisation import Precision
 
@@ -34,8 +35,8 @@ def validation_scores(model: Segmenter, source: ValidationSource, precision: Pre
     `source`: (images, labels) pairs, or a callable returning them afresh (a one-shot iterator
     would be spent after the first epoch).
 
-    Slices go to the model at full size: every Segmenter returns outputs at its input size
-    (the U-Net pads internally, SAM resizes to its image size).
+    Inputs go to the model as they come (whole slices, or their tiles: whole_slice_batches):
+    every Segmenter returns outputs at its input size (the U-Net pads, SAM resizes).
     """
     counter = ConfusionCounter(NUM_CLASSES)
     batches = source() if callable(source) else source
@@ -49,14 +50,33 @@ def validation_scores(model: Segmenter, source: ValidationSource, precision: Pre
     return {"val.miou": mean_defined(iou), **{f"val.iou.{name}": float(value) for name, value in zip(CLASS_NAMES, iou)}}
 
 
-def whole_slice_batches(refs: Sequence[SliceRef], window: IntensityWindow, context: int, count: int, seed: int) -> Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]:
+def whole_slice_batches(
+    refs: Sequence[SliceRef], window: IntensityWindow, context: int, count: int, seed: int, tile: int | None = None,
+) -> Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]:
     """A validation source: `count` seeded slices of `refs`, read afresh one by one at each call
-    (whole slices with their 2.5D context, normalised by `window`), so none sits in memory."""
+    (whole slices with their 2.5D context, normalised by `window`), so none sits in memory.
+
+    `tile`: each slice goes to the model as a batch of tile x tile crops covering it (the last
+    one flush with the edge, so a strip may count twice), the scale a model trains and predicts
+    at. Without it the whole slice is one input, and SAM resizes it to its image size: a 512^2
+    slice is scored at half the scale of 128^2 training tiles, where few-pixel pores vanish.
+    """
     chosen = sample_slices(refs, count, seed)
 
     def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         with ContextReader() as reader:
             for ref in chosen:
-                yield window.for_volume(ref.volume).normalise(read_context(reader, ref, context))[None], reader.labels(ref)[None]
+                image = window.for_volume(ref.volume).normalise(read_context(reader, ref, context))
+                labels = reader.labels(ref)
+                if tile is None:
+                    yield image[None], labels[None]
+                else:
+                    yield _cut(image, tile), _cut(labels, tile)
 
     return batches
+
+
+def _cut(array: np.ndarray, tile: int) -> np.ndarray:
+    """(..., H, W) -> (N, ..., tile, tile) crops covering it (smaller where the slice is)."""
+    height, width = array.shape[-2:]
+    return np.stack([array[..., y : y + tile, x : x + tile] for y in tile_starts(height, tile, 0.0) for x in tile_starts(width, tile, 0.0)])
