@@ -58,3 +58,19 @@ def test_sam_layouts_take_the_head_and_train_it() -> None:
         assert outputs.shape == (2, channels, 32, 32)
         model.loss(outputs, torch.randint(0, 4, (2, 32, 32))).backward()
         assert model.refine.net[-1].weight.grad is not None and model.refine.net[-1].weight.grad.abs().sum() > 0
+
+
+def test_batch_norm_unet_keeps_a_uniform_tiles_grey_level() -> None:
+    """GroupNorm maps a uniform dark tile and a uniform bright one to (nearly) the same outputs;
+    with BatchNorm's running statistics (eval mode) they stay apart."""
+    dark, bright = torch.full((1, 3, 48, 48), 0.2), torch.full((1, 3, 48, 48), 0.8)
+    differences = {}
+    for norm in ("group", "batch"):
+        torch.manual_seed(0)
+        model = UNet25D(UNetConfig(context=3, filters=4, depth=2, norm=norm))
+        model.train()
+        model(torch.rand(4, 3, 48, 48))  # one training-mode pass fills the running statistics
+        model.eval()
+        with torch.no_grad():  # the centre, away from the zero padding's edge effects
+            differences[norm] = float((model(dark) - model(bright))[..., 16:32, 16:32].abs().max())
+    assert differences["group"] < 1e-3 < differences["batch"], differences

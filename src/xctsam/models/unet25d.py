@@ -10,8 +10,9 @@ GroupNorm rather than BatchNorm: training batches are a handful of tiles (4 by d
 inference runs on other tile counts, where BatchNorm's batch statistics are noisy and its
 running averages differ from what training saw; GroupNorm behaves the same for any batch.
 Its price: each tile's absolute grey level is normalised away, so a tile of bare background
-(Te-3's sparse part in a 1024^2 field) can look like one of bare material. `unet.refine` adds a
-norm-free full-resolution head over (logits, input) that sees the level again (models/refine.py).
+(Te-3's sparse part in a 1024^2 field) can look like one of bare material. `unet.norm: batch`
+keeps the level (BatchNorm's running statistics at inference; under DDP each process keeps its
+own); `unet.refine` adds a norm-free full-resolution head over (logits, input) (models/refine.py).
 """
 
 from __future__ import annotations
@@ -31,26 +32,31 @@ from xctsam.models.refine import refine_head
 _MAX_GROUPS = 8
 
 
-def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    """Two 3x3 conv - GroupNorm - ReLU layers (no conv bias: the norm's shift replaces it)."""
-    groups = math.gcd(_MAX_GROUPS, out_channels)
+def conv_block(in_channels: int, out_channels: int, norm: str = "group") -> nn.Sequential:
+    """Two 3x3 conv - norm - ReLU layers (no conv bias: the norm's shift replaces it)."""
     layers: list[nn.Module] = []
     for channels_in in (in_channels, out_channels):
         layers += [
             nn.Conv2d(channels_in, out_channels, kernel_size=3, padding=1, bias=False),
-            nn.GroupNorm(groups, out_channels),
+            _norm(norm, out_channels),
             nn.ReLU(inplace=True),
         ]
     return nn.Sequential(*layers)
 
 
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    return nn.GroupNorm(math.gcd(_MAX_GROUPS, channels), channels)
+
+
 class UpLevel(nn.Module):
     """Upsample by a transposed conv, concatenate the skip, then a conv block."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "group") -> None:
         super().__init__()
         self.up = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
-        self.block = conv_block(2 * out_channels, out_channels)
+        self.block = conv_block(2 * out_channels, out_channels, norm)
 
     def forward(self, features: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.block(torch.cat([skip, self.up(features)], dim=1))
@@ -76,8 +82,8 @@ class UNet25D(MulticlassSegmenter):
         # and a checkpoint should load under any of them
         self.register_buffer("class_weights", torch.as_tensor(class_weights, dtype=torch.float32), persistent=False)
         widths = [config.filters * 2**level for level in range(config.depth)]
-        self.down = nn.ModuleList(conv_block(c_in, c_out) for c_in, c_out in zip([config.context, *widths[:-1]], widths))
-        self.up = nn.ModuleList(UpLevel(c_in, c_out) for c_in, c_out in zip(widths[:0:-1], widths[-2::-1]))
+        self.down = nn.ModuleList(conv_block(c_in, c_out, config.norm) for c_in, c_out in zip([config.context, *widths[:-1]], widths))
+        self.up = nn.ModuleList(UpLevel(c_in, c_out, config.norm) for c_in, c_out in zip(widths[:0:-1], widths[-2::-1]))
         self.head = nn.Conv2d(widths[0], num_classes, kernel_size=1)
         self.refine = refine_head(num_classes, config.context, config.refine)
         # channels-last (NHWC) weights and activations: oneDNN's convolutions run about twice as
