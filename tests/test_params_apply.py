@@ -48,3 +48,13 @@ def test_overlay_that_is_not_a_mapping_is_refused(tmp_path: Path, capsys) -> Non
     overlay.write_text("- sam.lora.rank\n")
     assert main(["params", "apply", str(overlay), "--params", str(params)]) == 2
     assert "list.yaml" in capsys.readouterr().err
+
+
+def test_paper_scale_overlay_applies_on_top_of_the_real_mode(tmp_path: Path) -> None:
+    params = _project_params(tmp_path)
+    for overlay in ("real-samgan.yaml", "real-samgan-paper.yaml"):
+        assert main(["params", "apply", str(REPO / "configs" / overlay), "--params", str(params)]) == 0
+    loaded = load_params(params)
+    assert loaded.sam.variant == "vit_b" and loaded.sam.image_size == 1024 and loaded.pretrain.stand_ins == []
+    assert loaded.train.sam.tile == 512 and loaded.predict.tile == 512
+    assert loaded.study.root == Path("data/imported/sam-material-gan")  # the real mode kept

@@ -95,7 +95,7 @@ def test_preprocess_resizes_scales_to_255_and_applies_sam_normalisation() -> Non
         expected = (0.5 * 255 - mean[channel]) / std[channel]
         assert torch.allclose(prepared[0, channel], expected.expand(256, 256))
     with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
-        network.preprocess(torch.rand(1, 3, 32, 32))
+        network.preprocess(torch.rand(1, 2, 32, 32))  # neither a grey tile nor a slice triplet
 
 
 # ---------------------------------------------------------------- what trains
@@ -229,3 +229,21 @@ def test_per_class_loss_sums_the_three_heads() -> None:
         without_pore = model.loss(perfect, labels)
     assert 0 < float(without_pore) < float(whole)
     assert math.isfinite(float(whole))
+
+
+def test_three_slice_context_fills_sams_colour_channels() -> None:
+    """sam.context 3: adjacent slices as SAM's three channels; three copies of one slice give
+    exactly the one-slice model's output (that model fills all three channels with the grey)."""
+    from xctsam.config.sam import SamConfig
+
+    torch.manual_seed(0)
+    one = build_peft_sam(SamConfig(small=TINY, context=1))
+    torch.manual_seed(0)
+    three = build_peft_sam(SamConfig(small=TINY, context=3))
+    assert (one.context, three.context) == (1, 3)
+    three.load_state_dict(one.state_dict())
+    one.eval(), three.eval()
+    grey = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(three(grey.expand(-1, 3, -1, -1)), one(grey))
+        assert not torch.allclose(three(torch.rand(2, 3, 32, 32)), one(grey))

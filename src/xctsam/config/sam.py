@@ -68,4 +68,7 @@ class SamConfig(StrictModel):
     # multiclass: one prompt-free decoder with a mask per class (softmax);
     # per_class: the study's layout, one binary model per class, painted material -> pore -> inclusion
     layout: Literal["multiclass", "per_class"] = "multiclass"
+    # 1: the grey slice in all three of SAM's colour channels; 3: the slice and its two
+    # neighbours, one per channel (2.5D context, as the U-Net's): a pore persists across slices, noise does not
+    context: Literal[1, 3] = 1
     refine: RefineConfig = RefineConfig()  # full-resolution head on the decoder's logits (channels 0: none)

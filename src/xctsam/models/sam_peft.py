@@ -55,17 +55,19 @@ PAINT_THRESHOLD = 0.5
 # ---------------------------------------------------------------- one adapted SAM
 def sam_input(sam: Sam, images: torch.Tensor) -> torch.Tensor:
     """(B, 1, h, w) grey in [0, 1] -> SAM's normalised (B, 3, S, S) input, S = its image size.
+    The grey tile fills SAM's three colour channels; (B, 3, h, w), three adjacent slices
+    (`sam.context: 3`), gives each its own channel instead.
 
     Shared by PEFT-SAM and the promptable (pretraining, zero-shot) uses of one `Sam`, so every
     path feeds the encoder the same way.
     """
-    if images.dim() != 4 or images.shape[1] != 1:
-        raise ValueError(f"expected (B, 1, H, W) grey tiles, got shape {tuple(images.shape)}")
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected (B, 1, H, W) grey tiles or (B, 3, H, W) slice triplets, got shape {tuple(images.shape)}")
     size = (sam.image_encoder.img_size, sam.image_encoder.img_size)
     if images.shape[-2:] != size:
         # a square resize fills SAM's whole input, so SAM's bottom-right padding is not needed
         images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-    rgb = (images * PIXEL_RANGE).expand(-1, 3, -1, -1)
+    rgb = (images * PIXEL_RANGE).expand(-1, 3, -1, -1)  # a no-op on three slices
     return (rgb - sam.pixel_mean) / sam.pixel_std
 
 
@@ -122,12 +124,11 @@ def _make_decoder_trainable(sam: Sam, masks: int) -> None:
 class _ConvLoraSegmenter(Segmenter):
     """Loss settings and the balance loss shared by both layouts."""
 
-    context = 1
-
     def __init__(
         self, config: SamConfig, class_weights: Sequence[float], dice_weight: float
     ) -> None:
         super().__init__()
+        self.context = config.context
         if len(class_weights) != NUM_CLASSES:
             raise ValueError(
                 f"class_weights: {len(class_weights)} values for {NUM_CLASSES} classes"
@@ -164,7 +165,7 @@ class PeftSam(_ConvLoraSegmenter, MulticlassSegmenter):
         self.network = PromptFreeSam(
             sam if sam is not None else build_sam(config), config.lora, NUM_CLASSES
         )
-        self.refine = refine_head(NUM_CLASSES, 1, config.refine)
+        self.refine = refine_head(NUM_CLASSES, config.context, config.refine)
 
     def networks(self) -> list[PromptFreeSam]:
         return [self.network]
@@ -199,7 +200,7 @@ class PerClassPeftSam(_ConvLoraSegmenter):
                 for name, copy_ in zip(PER_CLASS_ORDER, copies)
             }
         )
-        self.refine = refine_head(len(PER_CLASS_ORDER), 1, config.refine)
+        self.refine = refine_head(len(PER_CLASS_ORDER), config.context, config.refine)
 
     def networks(self) -> list[PromptFreeSam]:
         return list(self.heads.values())
