@@ -42,6 +42,11 @@ class TrainConfig(StrictModel):
     # std drawn per tile from [0, noise]; 0: none. Real scans are noisier than the training data.
     noise: Annotated[Float, Field(ge=0, le=1)] = 0.0
 
+    @property
+    def validation_tile(self) -> int | None:
+        """The crop size validation slices are cut into (val_input tiles), or None (whole)."""
+        return self.tile if self.val_input == "tiles" else None
+
 
 class TrainSection(StrictModel):
     sam: TrainConfig = TrainConfig(lr=3e-4)

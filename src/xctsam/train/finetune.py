@@ -115,9 +115,7 @@ def finetune_real(
     sampler = SegmentationTiles(
         refs, window, config.tile, model.context, config.oversample, params.seed + process_rank()
     )
-    validation = whole_slice_batches(
-        refs, window, model.context, config.val_slices, params.seed, config.tile if config.val_input == "tiles" else None
-    )
+    validation = whole_slice_batches(refs, window, model.context, config.val_slices, params.seed, config.validation_tile)
     logged = {
         "finetune": params.finetune.model_dump(mode="json"),
         "train": config.model_dump(mode="json"),

@@ -59,7 +59,7 @@ def prepare_training(kind: ModelKind, params: Params, data_root: Path) -> Prepar
 
         meta["foundation"] = describe_foundation(params.sam)
     sampler = SegmentationTiles(train_refs, window, config.tile, model.context, config.oversample, params.seed + process_rank(), noise=config.noise)
-    validation = whole_slice_batches(val_refs, window, model.context, config.val_slices, params.seed, config.tile if config.val_input == "tiles" else None)
+    validation = whole_slice_batches(val_refs, window, model.context, config.val_slices, params.seed, config.validation_tile)
     logged = {kind: meta["config"], "train": config.model_dump(mode="json"), "seed": params.seed}
     return Prepared(model, sampler, validation, config, meta, logged)
 
