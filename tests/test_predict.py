@@ -5,6 +5,7 @@ Fake segmenters with exactly predictable outputs stand in for trained models.
 
 from __future__ import annotations
 
+import json
 import tracemalloc
 from pathlib import Path
 
@@ -19,14 +20,14 @@ from torch import nn
 from xctsam.config.eval import PredictConfig
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.volumes import Volume, write_volume
+from xctsam.eval.campaign import predict_file
 from xctsam.eval.predict import (
     context_indices,
     gaussian_importance,
-    predict_file,
     predict_volume,
     tile_starts,
-    write_prediction,
 )
+from xctsam.eval.writers import write_prediction
 from xctsam.models.base import Segmenter
 from xctsam.util.errors import InputError
 
@@ -269,7 +270,8 @@ def test_outputs_round_trip(tmp_path: Path, grey_volume, name: str) -> None:
         np.testing.assert_array_equal(tifffile.imread(out), quantise(image))
         with tifffile.TiffFile(out) as tif:
             assert len(tif.pages) == 5 and tif.pages[0].dtype == np.uint8
-            assert tif.shaped_metadata[0]["model"] == "fake"
+            assert tif.is_imagej and tif.series[0].axes == "ZYX"  # opens as a stack in ImageJ/Fiji
+            assert json.loads(tif.imagej_metadata["Info"])["model"] == "fake"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["grey.h5", name])  # no temp file left
 
 

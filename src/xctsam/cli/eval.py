@@ -15,18 +15,47 @@ eval_app = typer.Typer(help="Evaluate: FID of splits, (later) segmentation metri
 # ---------------------------------------------------------------- predict
 @app.command("predict")
 def predict(
-    volume: Annotated[Path, typer.Argument(help="Volume file (.h5) to segment.")],
+    sources: Annotated[list[Path], typer.Argument(help="Scans: .h5, .tif stack, folder of .tif slices, .npy, .zarr (OME-Zarr), or folders of them.", show_default=False)],
     model: Annotated[Path, typer.Option(help="Trained model (best.pt of `xctsam train`).")] = Path("models/sam/best.pt"),
-    out: Annotated[Path, typer.Option(help="Output: .h5 (image + labels) or .tif (labels).")] = Path("prediction.h5"),
+    out: Annotated[Path | None, typer.Option(help="Output file (.h5 image + labels, .tif labels, .zarr OME-Zarr) for one scan, or a folder (default prediction.h5 for one scan, predictions/ for several).")] = None,
+    out_format: Annotated[str | None, typer.Option(help="Format of each output in an --out folder: tif, h5 or zarr (default: the input's family).")] = None,
+    input_format: Annotated[str | None, typer.Option("--format", help="Reader of every scan: tiff, tiff-dir, hdf5, npy, zarr (default: from the path).")] = None,
+    dataset: Annotated[str, typer.Option(help="HDF5 dataset holding the scan.")] = "image",
+    shard: Annotated[str | None, typer.Option(help="Predict only share i/n of the scans (scan k when k mod n = i); default from SLURM_ARRAY_TASK_ID/COUNT or torchrun's RANK/WORLD_SIZE.")] = None,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Segment a whole volume: overlapping tiles, Gaussian blending, streamed slice by slice."""
+    """Segment whole scans slice by slice (overlapping tiles, Gaussian blending), memory flat in
+    depth; outputs are written atomically and existing ones kept, so a rerun finishes a campaign."""
     from xctsam.config.params import load_params
-    from xctsam.eval.predict import predict_file
+    from xctsam.data.readers import VOLUME_FORMATS
+    from xctsam.data.scans import scan_inputs
+    from xctsam.eval.campaign import (
+        parse_shard,
+        plan_jobs,
+        predict_campaign,
+        shard_from_env,
+        shard_jobs,
+    )
+    from xctsam.eval.writers import FORMATS_BY_SUFFIX
     from xctsam.models.factory import load_segmenter
 
+    if input_format is not None and input_format not in VOLUME_FORMATS:
+        raise typer.BadParameter(f"{input_format!r} is not one of {', '.join(VOLUME_FORMATS)}", param_hint="--format")
+    fmt = FORMATS_BY_SUFFIX.get(f".{out_format}".lower()) if out_format is not None else None
+    if out_format is not None and fmt is None:
+        raise typer.BadParameter(f"{out_format!r} is not tif, h5 or zarr", param_hint="--out-format")
+    try:
+        share = parse_shard(shard) if shard is not None else shard_from_env()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--shard") from None
+    config = load_params(params).predict
+    scans = scan_inputs(sources)
+    target = out if out is not None else Path("prediction.h5" if len(scans) == 1 else "predictions")
+    jobs = shard_jobs(plan_jobs(scans, target, fmt, input_format), share)
     segmenter, window, meta = load_segmenter(model)
-    print(predict_file(segmenter, volume, window, load_params(params).predict, out, attrs={"model": str(model), "model_kind": meta["kind"]}))
+    result = predict_campaign(segmenter, window, jobs, config, input_format=input_format, dataset=dataset, out_format=fmt, attrs={"model": str(model), "model_kind": meta["kind"]})
+    for path in result.written:
+        print(path)
 
 
 # ---------------------------------------------------------------- eval

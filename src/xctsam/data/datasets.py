@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from skimage.filters import threshold_otsu
@@ -22,6 +22,9 @@ from skimage.filters import threshold_otsu
 from xctsam.data.split_folders import split_volumes
 from xctsam.data.volumes import Volume
 from xctsam.util.errors import InputError
+
+if TYPE_CHECKING:
+    from xctsam.data.scans import GreySource
 
 
 @dataclass(frozen=True)
@@ -112,14 +115,19 @@ def grey_peaks(values: np.ndarray) -> tuple[float, float] | None:
     return (low, high) if high > low else None
 
 
+def source_peaks(source: GreySource) -> tuple[float, float] | None:
+    """(background, material) grey levels of an open volume or scan (grey_peaks on a sample of its slices)."""
+    depth = source.n_slices
+    chosen = np.unique(np.linspace(0, depth - 1, min(PEAK_SLICES, depth)).round().astype(int))
+    values = np.concatenate([source.image(int(z), int(z) + 1)[0, ::PEAK_STRIDE, ::PEAK_STRIDE].ravel() for z in chosen])
+    return grey_peaks(values)
+
+
 @lru_cache(maxsize=512)
 def _volume_peaks(path: str, modified_ns: int, size: int) -> tuple[float, float] | None:
     # keyed by modification time and size too: a volume rewritten under the same name is measured again
     with Volume(Path(path)) as volume:
-        depth = volume.n_slices
-        chosen = np.unique(np.linspace(0, depth - 1, min(PEAK_SLICES, depth)).round().astype(int))
-        values = np.concatenate([volume.image(int(z), int(z) + 1)[0, ::PEAK_STRIDE, ::PEAK_STRIDE].ravel() for z in chosen])
-    return grey_peaks(values)
+        return source_peaks(volume)
 
 
 def volume_peaks(path: Path) -> tuple[float, float] | None:
@@ -157,9 +165,17 @@ class IntensityWindow:
         """The window to normalise volume `path` with: this one, or with `peaks` set, this one
         moved into the volume's own grey units so that its peaks land where the training data's are.
         A volume whose peaks cannot be found is normalised as it is."""
+        return self if self.peaks is None else self.matched(volume_peaks(path))
+
+    def for_source(self, source: GreySource) -> IntensityWindow:
+        """As `for_volume`, for an open volume or scan of any format (its peaks measured now)."""
+        return self if self.peaks is None else self.matched(source_peaks(source))
+
+    def matched(self, found: tuple[float, float] | None) -> IntensityWindow:
+        """This window moved so that a volume whose peaks are `found` has them where the
+        training data's are (`peaks`); unchanged (without peaks) where none were found."""
         if self.peaks is None:
             return self
-        found = volume_peaks(path)
         if found is None:
             return IntensityWindow(self.low, self.high)
         (train_low, train_high), (own_low, own_high) = self.peaks, found

@@ -2,9 +2,10 @@
 
 `open_stack(path, fmt, dataset, stack)` is the registry: `tiff-dir` (a folder of TIFF slices),
 `tiff` (a multi-page TIFF), `hdf5` (a dataset of an HDF5 file), `npy` (a NumPy array, memory
-mapped). Sizes come from the files' headers before any pixel is decoded, so a volume too large
-for memory is refused with the numbers; a corrupt file is an InputError naming it. The small
-file helpers here (existence, natural sort, slab sizes, decoder errors) serve every importer.
+mapped), `zarr` (an OME-Zarr image or a 3-D zarr array, see `omezarr`). Sizes come from the
+files' headers before any pixel is decoded, so a volume too large for memory is refused with
+the numbers; a corrupt file is an InputError naming it. The small file helpers here
+(existence, natural sort, slab sizes, decoder errors) serve every importer.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import tifffile
 from xctsam import __version__
 from xctsam.util.errors import InputError
 
-VOLUME_FORMATS = ("tiff-dir", "tiff", "hdf5", "npy")
+VOLUME_FORMATS = ("tiff-dir", "tiff", "hdf5", "npy", "zarr")
 
 # Decoders (Pillow, tifffile, zlib, numpy, HDF5) report corrupt or truncated files with any of
 # these; they are caught only around the decoding call itself and turned into an InputError.
@@ -325,6 +326,10 @@ def open_stack(path: Path, fmt: str, dataset: str, stack: ExitStack) -> SliceSta
         return _Hdf5Dataset(path, dataset, stack)
     if fmt == "npy":
         return _NpyArray(path)
+    if fmt == "zarr":
+        from xctsam.data.omezarr import OmeZarrStack  # here, so that importing readers skips zarr
+
+        return OmeZarrStack(path)
     raise InputError(
         path, f"unknown format {fmt!r}", f"use samgan or one of {', '.join(VOLUME_FORMATS)}"
     )

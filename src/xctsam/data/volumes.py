@@ -229,6 +229,14 @@ class Volume:
         return self.shape[0]
 
     @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self._image.dtype)
+
+    def raw(self, z0: int, z1: int) -> np.ndarray:
+        """Slices z0..z1 of the image as stored (float32 for the project's volumes)."""
+        return np.asarray(self._image[z0:z1])
+
+    @property
     def has_labels(self) -> bool:
         return self._labels is not None
 

@@ -15,20 +15,17 @@ depends on the slice size, the model's context and the batch, never on the numbe
 An optional `transform` (the robustness stage's noise) is applied to every normalised slice
 once, when it enters the window, so neighbouring predictions see the same noisy slice.
 
-Output (`write_prediction`): an HDF5 volume file holding `image` (the input's grey values,
-copied slice by slice) and `labels` (the prediction), readable by `xctsam.data.volumes.Volume`
-and every tool that reads volumes, with attrs naming the model; or a multi-page TIFF of the
-labels (uint8, zlib-compressed, written page by page).
+Sources: a project volume (`Volume`) or a user's scan in any format `Scan` reads (TIFF stack or
+folder, HDF5 dataset, NPY, OME-Zarr); a path is opened as a `Scan`. Outputs: `eval.writers`.
 """
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -38,16 +35,13 @@ from xctsam import NUM_CLASSES
 from xctsam.config.eval import PredictConfig
 from xctsam.data.checks import check_fits_in_memory, nbytes
 from xctsam.data.datasets import IntensityWindow
+from xctsam.data.scans import GreySource, Scan
 from xctsam.data.tiles import context_indices as tile_context
-from xctsam.data.volumes import Volume, VolumeWriter
 from xctsam.models.base import Segmenter
 from xctsam.util.device import pick_device
-from xctsam.util.errors import InputError
 from xctsam.util.progress import track
 
 SliceTransform = Callable[[np.ndarray], np.ndarray]
-OutputFormat = Literal["hdf5", "tiff"]
-FORMATS_BY_SUFFIX: dict[str, OutputFormat] = {".h5": "hdf5", ".hdf5": "hdf5", ".tif": "tiff", ".tiff": "tiff"}
 
 
 class SlicePrediction(NamedTuple):
@@ -98,9 +92,9 @@ def context_indices(n_slices: int, context: int) -> np.ndarray:
 class _NormalisedSlices:
     """Normalised (and transformed) slices read on demand, only the last few kept."""
 
-    def __init__(self, volume: Volume, window: IntensityWindow, transform: SliceTransform | None, keep: int) -> None:
+    def __init__(self, volume: GreySource, window: IntensityWindow, transform: SliceTransform | None, keep: int) -> None:
         self.volume = volume
-        self.window = window.for_volume(volume.path)  # matched to this volume's grey levels, if the model asks
+        self.window = window.for_source(volume)  # matched to this volume's grey levels, if the model asks
         self.transform = transform
         self.keep = keep
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -124,7 +118,7 @@ class _NormalisedSlices:
         return np.clip(out, 0.0, 1.0)  # the model contract: inputs in [0, 1]
 
 
-def _context_stacks(volume: Volume, window: IntensityWindow, context: int, transform: SliceTransform | None, progress: bool, only: list[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+def _context_stacks(volume: GreySource, window: IntensityWindow, context: int, transform: SliceTransform | None, progress: bool, only: list[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """(z, (context, Y, X) float32) per slice in order (or per slice of `only`); context + 1
     slices held at a time."""
     indices = context_indices(volume.n_slices, context)
@@ -203,7 +197,7 @@ def working_memory(shape: tuple[int, int, int], context: int, tile: int) -> int:
     return nbytes((planes, height, width), np.float32)
 
 
-def check_prediction_memory(source: Volume, context: int, tile: int) -> None:
+def check_prediction_memory(source: GreySource, context: int, tile: int) -> None:
     """Slice sizes come from the file's header: refuse what cannot fit before allocating it."""
     needed = working_memory(source.shape, context, tile)
     check_fits_in_memory(source.path, needed, f"predicting slices of {source.shape[1]} x {source.shape[2]} voxels")
@@ -211,7 +205,7 @@ def check_prediction_memory(source: Volume, context: int, tile: int) -> None:
 
 def predict_volume(
     model: Segmenter,
-    volume: Volume | Path | str,
+    volume: GreySource | Path | str,
     window: IntensityWindow,
     config: PredictConfig,
     device: torch.device | str | None = None,
@@ -234,7 +228,7 @@ def predict_volume(
         raise ValueError(f"model context must be an odd number of slices, got {context}")
     device = torch.device(device) if device is not None else pick_device()
     with ExitStack() as stack:
-        source = volume if isinstance(volume, Volume) else stack.enter_context(Volume(volume))
+        source = stack.enter_context(Scan(volume)) if isinstance(volume, (str, Path)) else volume
         check_prediction_memory(source, context, config.tile)
         was_training = model.training
         model.to(device).eval()
@@ -277,102 +271,3 @@ def _finished(model: Segmenter, pending: OrderedDict[int, _SliceBlend], device: 
         _, blend = pending.popitem(last=False)
         probabilities = blend.probabilities()
         yield SlicePrediction(blend.z, _labels(model, probabilities, device), probabilities)
-
-
-# ---------------------------------------------------------------- writing
-def output_format(out: Path, fmt: OutputFormat | None = None) -> OutputFormat:
-    """The given format, or the one the file suffix names (.h5/.hdf5, .tif/.tiff)."""
-    if fmt is not None:
-        return fmt
-    found = FORMATS_BY_SUFFIX.get(Path(out).suffix.lower())
-    if found is None:
-        raise InputError(out, "unknown output format", f"name it {' / '.join(FORMATS_BY_SUFFIX)} or pass the format")
-    return found
-
-
-def _in_order(predictions: Iterable[tuple[Any, ...]], n_slices: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(z, labels) checked to arrive as 0, 1, ..., n_slices - 1 (streamed writers need it)."""
-    expected = 0
-    for z, labels, *_ in predictions:
-        if z != expected:
-            raise ValueError(f"prediction for slice {z} arrived where slice {expected} was due")
-        yield z, np.asarray(labels, dtype=np.uint8)
-        expected += 1
-    if expected != n_slices:
-        raise ValueError(f"{expected} predicted slices for a volume of {n_slices}")
-
-
-def refuse_overwriting(out: Path, source: Path) -> None:
-    """Refuse an output that is the input volume (the same path, a symlink or a hard link to it):
-    renaming the prediction onto it would replace the scan and its ground-truth labels."""
-    if out.exists() and os.path.samefile(out, source):
-        link = "" if out.absolute() == source.absolute() else f" {source} (a link to it)"
-        raise InputError(out, f"is the input volume{link}; the prediction would overwrite the scan and its labels", "choose another --out")
-
-
-def write_prediction(
-    predictions: Iterable[tuple[Any, ...]],
-    out: Path,
-    source: Volume,
-    fmt: OutputFormat | None = None,
-    attrs: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write streamed (z, labels, ...) items for `source`'s slices to `out`, atomically.
-
-    hdf5: a volume file with `image` (copied from `source`) and `labels` (the prediction);
-    tiff: the labels only, one uint8 page per slice, `attrs` in the ImageDescription JSON.
-    """
-    fmt = output_format(out, fmt)
-    refuse_overwriting(Path(out), source.path)
-    ordered = _in_order(predictions, source.n_slices)
-    if fmt == "hdf5":
-        _write_hdf5(ordered, Path(out), source, attrs or {})
-    else:
-        _write_tiff(ordered, Path(out), source.shape, attrs or {})
-    return Path(out)
-
-
-def _write_hdf5(ordered: Iterable[tuple[int, np.ndarray]], out: Path, source: Volume, attrs: Mapping[str, Any]) -> None:
-    with VolumeWriter(out, source.shape, labelled=True, attrs=attrs) as writer:
-        for z, labels in ordered:
-            writer.write(z, source.image(z, z + 1), labels)
-
-
-def _write_tiff(ordered: Iterable[tuple[int, np.ndarray]], out: Path, shape: tuple[int, int, int], attrs: Mapping[str, Any]) -> None:
-    import tifffile
-
-    from xctsam.util.atomic import atomic_path
-
-    pages = (labels for _, labels in ordered)
-    with atomic_path(out) as tmp, tifffile.TiffWriter(tmp) as tif:
-        tif.write(pages, shape=shape, dtype=np.uint8, photometric="minisblack", compression="zlib", metadata={"axes": "ZYX", **_json_safe(attrs)})
-
-
-def _json_safe(attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """tifffile stores metadata as JSON: paths and other objects become their text."""
-    import json
-
-    return json.loads(json.dumps(dict(attrs), default=str))
-
-
-def predict_file(
-    model: Segmenter,
-    volume_path: Path,
-    window: IntensityWindow,
-    config: PredictConfig,
-    out: Path,
-    *,
-    device: torch.device | str | None = None,
-    fmt: OutputFormat | None = None,
-    attrs: Mapping[str, Any] | None = None,
-    transform: SliceTransform | None = None,
-    progress: bool = True,
-) -> Path:
-    """Segment one volume file and write the labels to `out` (the `xctsam predict` command)."""
-    with Volume(volume_path) as source:
-        # now, before the model runs: predict_volume starts only when the writer pulls a slice
-        refuse_overwriting(Path(out), source.path)
-        check_prediction_memory(source, int(model.context), config.tile)
-        provenance = {"source": str(volume_path), "window": window.to_dict(), "predict": config.model_dump(), **dict(attrs or {})}
-        predictions = predict_volume(model, source, window, config, device, transform=transform, progress=progress)
-        return write_prediction(predictions, out, source, fmt, provenance)

@@ -1,0 +1,108 @@
+"""Writing a streamed prediction to the file a user asked for, atomically, by its suffix.
+
+- `.h5` / `.hdf5`: a project volume (`image`: the scan's grey values as float32, `labels`),
+  readable by `xctsam.data.volumes.Volume` and every tool of the project, attrs naming the model;
+- `.tif` / `.tiff`: the labels only, an ImageJ hyperstack (uint8, one page per slice, axes ZYX)
+  that ImageJ/Fiji and napari open as a stack; the provenance JSON is ImageJ's `Info`;
+- `.zarr`: OME-Zarr (NGFF 0.5) with the scan's image at the root and the labels image under
+  `labels/segmentation`, so napari (napari-ome-zarr) shows both, the labels as a layer.
+
+Each writer pulls (z, labels) items in z order, slice by slice, so memory stays flat in depth,
+and publishes its output under the final name only once the last slice is in. An output that
+is the input itself (the same file, a link to it) is refused before anything is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from xctsam.data.scans import GreySource
+from xctsam.data.volumes import VolumeWriter
+from xctsam.util.atomic import atomic_path
+from xctsam.util.errors import InputError
+
+OutputFormat = Literal["hdf5", "tiff", "zarr"]
+FORMATS_BY_SUFFIX: dict[str, OutputFormat] = {".h5": "hdf5", ".hdf5": "hdf5", ".tif": "tiff", ".tiff": "tiff", ".zarr": "zarr"}
+SUFFIX_OF: dict[OutputFormat, str] = {"hdf5": ".h5", "tiff": ".tif", "zarr": ".zarr"}
+
+
+def output_format(out: Path, fmt: OutputFormat | None = None) -> OutputFormat:
+    """The given format, or the one the file suffix names (.h5/.hdf5, .tif/.tiff, .zarr)."""
+    if fmt is not None:
+        return fmt
+    found = FORMATS_BY_SUFFIX.get(Path(out).suffix.lower())
+    if found is None:
+        raise InputError(out, "unknown output format", f"name it {' / '.join(FORMATS_BY_SUFFIX)} or pass the format")
+    return found
+
+
+def refuse_overwriting(out: Path, source: Path) -> None:
+    """Refuse an output that is the input scan (the same path, a symlink or a hard link to it):
+    renaming the prediction onto it would replace the scan (and a volume's ground-truth labels)."""
+    if out.exists() and os.path.samefile(out, source):
+        link = "" if out.absolute() == source.absolute() else f" {source} (a link to it)"
+        raise InputError(out, f"is the input volume{link}; the prediction would overwrite the scan and its labels", "choose another --out")
+
+
+def _in_order(predictions: Iterable[tuple[Any, ...]], n_slices: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(z, labels) checked to arrive as 0, 1, ..., n_slices - 1 (streamed writers need it)."""
+    expected = 0
+    for z, labels, *_ in predictions:
+        if z != expected:
+            raise ValueError(f"prediction for slice {z} arrived where slice {expected} was due")
+        yield z, np.asarray(labels, dtype=np.uint8)
+        expected += 1
+    if expected != n_slices:
+        raise ValueError(f"{expected} predicted slices for a volume of {n_slices}")
+
+
+def write_prediction(
+    predictions: Iterable[tuple[Any, ...]],
+    out: Path,
+    source: GreySource,
+    fmt: OutputFormat | None = None,
+    attrs: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write streamed (z, labels, ...) items for `source`'s slices to `out`, atomically."""
+    fmt = output_format(out, fmt)
+    refuse_overwriting(Path(out), source.path)
+    ordered = _in_order(predictions, source.n_slices)
+    write = {"hdf5": _write_hdf5, "tiff": _write_tiff, "zarr": _write_zarr}[fmt]
+    write(ordered, Path(out), source, _json_safe(attrs or {}))
+    return Path(out)
+
+
+def _write_hdf5(ordered: Iterable[tuple[int, np.ndarray]], out: Path, source: GreySource, attrs: Mapping[str, Any]) -> None:
+    with VolumeWriter(out, source.shape, labelled=True, attrs=attrs) as writer:
+        for z, labels in ordered:
+            writer.write(z, source.image(z, z + 1), labels)
+
+
+def _write_tiff(ordered: Iterable[tuple[int, np.ndarray]], out: Path, source: GreySource, attrs: Mapping[str, Any]) -> None:
+    import tifffile
+
+    # Uncompressed: ImageJ's own opener reads hyperstacks only so (compressed ones need Bio-Formats).
+    pages = (labels for _, labels in ordered)
+    metadata = {"axes": "ZYX", "Info": json.dumps(dict(attrs))}
+    with atomic_path(out) as tmp, tifffile.TiffWriter(tmp, imagej=True) as tif:
+        tif.write(pages, shape=source.shape, dtype=np.uint8, photometric="minisblack", metadata=metadata)
+
+
+def _write_zarr(ordered: Iterable[tuple[int, np.ndarray]], out: Path, source: GreySource, attrs: Mapping[str, Any]) -> None:
+    from xctsam.data.omezarr import OmeZarrLabelsWriter
+
+    # the image in the scan's own dtype (a uint16 scan stays uint16 for the viewer's contrast)
+    with OmeZarrLabelsWriter(out, source.shape, source.dtype, attrs=attrs) as writer:
+        for z, labels in ordered:
+            writer.write(z, source.raw(z, z + 1), labels)
+
+
+def _json_safe(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Metadata as JSON keeps it: paths and other objects become their text."""
+    return json.loads(json.dumps(dict(attrs), default=str))
