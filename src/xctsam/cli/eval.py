@@ -22,6 +22,7 @@ def predict(
     input_format: Annotated[str | None, typer.Option("--format", help="Reader of every scan: tiff, tiff-dir, hdf5, npy, zarr (default: from the path).")] = None,
     dataset: Annotated[str, typer.Option(help="HDF5 dataset holding the scan.")] = "image",
     shard: Annotated[str | None, typer.Option(help="Predict only share i/n of the scans (scan k when k mod n = i); default from SLURM_ARRAY_TASK_ID/COUNT or torchrun's RANK/WORLD_SIZE.")] = None,
+    uncertainty: Annotated[bool, typer.Option(help="Also write <out>.uncertainty.tif: per-voxel normalised entropy x 255.")] = False,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Segment whole scans slice by slice (overlapping tiles, Gaussian blending), memory flat in
@@ -53,7 +54,7 @@ def predict(
     target = out if out is not None else Path("prediction.h5" if len(scans) == 1 else "predictions")
     jobs = shard_jobs(plan_jobs(scans, target, fmt, input_format), share)
     segmenter, window, meta = load_segmenter(model)
-    result = predict_campaign(segmenter, window, jobs, config, input_format=input_format, dataset=dataset, out_format=fmt, attrs={"model": str(model), "model_kind": meta["kind"]})
+    result = predict_campaign(segmenter, window, jobs, config, input_format=input_format, dataset=dataset, out_format=fmt, attrs={"model": str(model), "model_kind": meta["kind"]}, uncertainty=uncertainty)
     for path in result.written:
         print(path)
 

@@ -15,6 +15,9 @@ class PredictConfig(StrictModel):
     tile: Annotated[Int, Field(ge=16)] = 128
     overlap: Annotated[Float, Field(ge=0, lt=1)] = 0.25  # of the tile, blended with a Gaussian window
     batch: Annotated[Int, Field(ge=1)] = 8
+    # flips: test-time augmentation, every tile also predicted mirrored in x, in y and in both and
+    # the four probabilities averaged (nnU-Net's in-plane mirroring; 4x the inference time)
+    tta: Literal["none", "flips"] = "none"
 
 
 class BootstrapConfig(StrictModel):

@@ -11,6 +11,7 @@
 - Reruns: an output that exists is kept and its scan skipped (outputs are written atomically,
   so an existing one is complete); an interrupt loses only the scan in progress.
 - Before the first scan: the memory a slice needs and a time estimate from one timed batch.
+- `uncertainty`: each output's entropy map beside it; params `predict.tta` mirrors every tile.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from xctsam.eval.writers import (
     SUFFIX_OF,
     OutputFormat,
     refuse_overwriting,
+    uncertainty_path,
     write_prediction,
 )
 from xctsam.models.base import Segmenter
@@ -186,12 +188,15 @@ def predict_file(
     attrs: Mapping[str, Any] | None = None,
     transform: SliceTransform | None = None,
     progress: bool = True,
+    uncertainty: bool = False,
 ) -> Path:
-    """Segment one scan and write its labels to `out` (atomically)."""
+    """Segment one scan and write its labels to `out` (atomically), with `uncertainty` its
+    entropy map beside it (`writers.uncertainty_path`)."""
     with Scan(source_path, input_format, dataset) as source:
         check_scan(model, source, out, config)
         predictions = predict_volume(model, source, window, config, device, transform=transform, progress=progress)
-        return write_prediction(predictions, out, source, out_format, provenance(source, window, config, attrs))
+        side = uncertainty_path(out) if uncertainty else None
+        return write_prediction(predictions, out, source, out_format, provenance(source, window, config, attrs), side)
 
 
 def check_scan(model: Segmenter, source: Scan, out: Path, config: PredictConfig) -> None:
@@ -221,6 +226,7 @@ def predict_campaign(
     out_format: OutputFormat | None = None,
     device: torch.device | str | None = None,
     attrs: Mapping[str, Any] | None = None,
+    uncertainty: bool = False,
 ) -> CampaignResult:
     """Predict every job whose output does not exist yet, with a bar per scan and overall."""
     device = torch.device(device) if device is not None else pick_device()
@@ -240,7 +246,8 @@ def predict_campaign(
                 check_scan(model, source, job.out, config)
                 bars.note(describe(job.source, source.shape, source.dtype, estimate(model, source.shape, config, per_tile)))
                 predictions = bars.counted(predict_volume(model, source, window, config, device, progress=False), job.source.name, source.n_slices)
-                write_prediction(predictions, job.out, source, out_format, provenance(source, window, config, attrs))
+                side = uncertainty_path(job.out) if uncertainty else None
+                write_prediction(predictions, job.out, source, out_format, provenance(source, window, config, attrs), side)
             written.append(job.out)
             bars.scan_done()
     return CampaignResult(written, kept)

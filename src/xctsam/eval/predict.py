@@ -169,10 +169,26 @@ def _autocast(device: torch.device) -> AbstractContextManager[Any]:
     return torch.autocast("cuda", dtype=dtype)
 
 
-def _run_batch(model: Segmenter, jobs: list[_TileJob], importance: np.ndarray, device: torch.device) -> None:
+# Test-time augmentation views: the in-plane axes of a (batch, channel, y, x) tile batch that
+# each view mirrors. A flip is its own inverse, so the same dims undo it on the output.
+TTA_VIEWS: dict[str, tuple[tuple[int, ...], ...]] = {"none": ((),), "flips": ((), (3,), (2,), (2, 3))}
+
+
+def _probabilities(model: Segmenter, inputs: torch.Tensor, views: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """Class probabilities of a tile batch, averaged over the mirrored views (each mirrored back)."""
+    total = None
+    for dims in views:
+        seen = inputs.flip(dims) if dims else inputs
+        probabilities = model.probabilities(model(seen)).float()
+        probabilities = probabilities.flip(dims) if dims else probabilities
+        total = probabilities if total is None else total + probabilities
+    return total / len(views)
+
+
+def _run_batch(model: Segmenter, jobs: list[_TileJob], importance: np.ndarray, device: torch.device, tta: str) -> None:
     inputs = torch.from_numpy(np.stack([job.inputs for job in jobs])).to(device)
     with torch.no_grad(), _autocast(device):
-        probabilities = model.probabilities(model(inputs))
+        probabilities = _probabilities(model, inputs, TTA_VIEWS[tta])
     probabilities = probabilities.float().cpu().numpy()
     for job, tile_probabilities in zip(jobs, probabilities, strict=True):
         job.blend.add(job.y, job.x, tile_probabilities, importance)
@@ -257,11 +273,11 @@ def _predict_stacks(model: Segmenter, stacks: Iterable[tuple[int, np.ndarray]], 
             for x in xs:
                 jobs.append(_TileJob(blend, y, x, padded[:, y : y + config.tile, x : x + config.tile]))
                 if len(jobs) == config.batch:
-                    _run_batch(model, jobs, importance, device)
+                    _run_batch(model, jobs, importance, device, config.tta)
                     jobs = []
                     yield from _finished(model, pending, device)
     if jobs:
-        _run_batch(model, jobs, importance, device)
+        _run_batch(model, jobs, importance, device, config.tta)
     yield from _finished(model, pending, device)
 
 

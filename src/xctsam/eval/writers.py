@@ -7,6 +7,9 @@
 - `.zarr`: OME-Zarr (NGFF 0.5) with the scan's image at the root and the labels image under
   `labels/segmentation`, so napari (napari-ome-zarr) shows both, the labels as a layer.
 
+With `uncertainty`, each slice's normalised entropy (eval.uncertainty, x 255 as uint8) goes to
+`<name>.uncertainty.tif` beside the output, a multi-page TIFF, for every format alike.
+
 Each writer pulls (z, labels) items in z order, slice by slice, so memory stays flat in depth,
 and publishes its output under the final name only once the last slice is in. An output that
 is the input itself (the same file, a link to it) is refused before anything is read.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +28,7 @@ import numpy as np
 
 from xctsam.data.scans import GreySource
 from xctsam.data.volumes import VolumeWriter
+from xctsam.eval.uncertainty import normalised_entropy
 from xctsam.util.atomic import atomic_path
 from xctsam.util.errors import InputError
 
@@ -62,20 +67,61 @@ def _in_order(predictions: Iterable[tuple[Any, ...]], n_slices: int) -> Iterator
         raise ValueError(f"{expected} predicted slices for a volume of {n_slices}")
 
 
+def uncertainty_path(out: Path) -> Path:
+    """Where the uncertainty map of output `out` goes: `<out name>.uncertainty.tif` beside it."""
+    out = Path(out)
+    return out.with_name(f"{out.name.removesuffix(out.suffix)}.uncertainty.tif")
+
+
 def write_prediction(
     predictions: Iterable[tuple[Any, ...]],
     out: Path,
     source: GreySource,
     fmt: OutputFormat | None = None,
     attrs: Mapping[str, Any] | None = None,
+    uncertainty: Path | None = None,
 ) -> Path:
-    """Write streamed (z, labels, ...) items for `source`'s slices to `out`, atomically."""
+    """Write streamed (z, labels, probabilities) items for `source`'s slices to `out`, atomically;
+    with `uncertainty`, also each slice's normalised entropy there (uint8, 255 = all classes
+    equally likely), a multi-page TIFF published after the labels."""
     fmt = output_format(out, fmt)
     refuse_overwriting(Path(out), source.path)
-    ordered = _in_order(predictions, source.n_slices)
-    write = {"hdf5": _write_hdf5, "tiff": _write_tiff, "zarr": _write_zarr}[fmt]
-    write(ordered, Path(out), source, _json_safe(attrs or {}))
+    safe = _json_safe(attrs or {})
+    with ExitStack() as stack:
+        if uncertainty is not None:
+            refuse_overwriting(Path(uncertainty), source.path)
+            pages = stack.enter_context(_UncertaintyPages(Path(uncertainty), safe))
+            predictions = pages.tap(predictions)
+        write = {"hdf5": _write_hdf5, "tiff": _write_tiff, "zarr": _write_zarr}[fmt]
+        write(_in_order(predictions, source.n_slices), Path(out), source, safe)
     return Path(out)
+
+
+class _UncertaintyPages:
+    """Entropy pages appended to one contiguous TIFF series as the slices stream past."""
+
+    def __init__(self, path: Path, attrs: Mapping[str, Any]) -> None:
+        self.path = path
+        self.attrs = {"axes": "ZYX", "uncertainty": "normalised entropy x 255", **attrs}
+        self._stack = ExitStack()
+
+    def __enter__(self) -> _UncertaintyPages:
+        import tifffile
+
+        tmp = self._stack.enter_context(atomic_path(self.path))
+        self._tif = self._stack.enter_context(tifffile.TiffWriter(tmp))
+        return self
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        return self._stack.__exit__(*exc)
+
+    def tap(self, predictions: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+        for item in predictions:
+            _, _, probabilities = item
+            page = np.round(normalised_entropy(probabilities) * 255).astype(np.uint8)
+            # uncompressed: only then does tifffile append pages to one series (ImageJ opens it as a stack)
+            self._tif.write(page, contiguous=True, photometric="minisblack", metadata=self.attrs)
+            yield item
 
 
 def _write_hdf5(ordered: Iterable[tuple[int, np.ndarray]], out: Path, source: GreySource, attrs: Mapping[str, Any]) -> None:
