@@ -75,6 +75,36 @@ def test_second_train_returns_at_once(project: Path) -> None:
     assert best.stat().st_mtime_ns == stamp
 
 
+def test_a_training_registers_its_model_and_records_its_data(project: Path) -> None:
+    from mlflow import MlflowClient
+
+    assert main(["train", "unet"]) == 0
+    client = MlflowClient()
+    versions = client.search_model_versions("name='xctsam-unet'")
+    assert [int(version.version) for version in versions] == [1]
+    run = client.get_run(versions[0].run_id)
+    assert run.data.tags["stage"] == "train_unet" and run.data.tags["mlflow.source.name"]
+    inputs = run.inputs.dataset_inputs
+    assert [item.dataset.name for item in inputs] == ["synthetic/Tr-GAN"]
+    assert len(inputs[0].dataset.digest) == 32 and inputs[0].tags[0].value == "training"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on runs
+
+    assert main(["train", "unet"]) == 0  # found finished: no second version
+    assert len(client.search_model_versions("name='xctsam-unet'")) == 1
+    for model, out in (("models/unet/best.pt", "file.tif"), ("models:/xctsam-unet/1", "registry.tif"), ("models:/xctsam-unet/latest", "latest.tif")):
+        assert main(["predict", "data/real/Te-1/v0.h5", "--model", model, "--out", out]) == 0
+    np.testing.assert_array_equal(tifffile.imread(project / "registry.tif"), tifffile.imread(project / "file.tif"))
+    np.testing.assert_array_equal(tifffile.imread(project / "latest.tif"), tifffile.imread(project / "file.tif"))
+
+
+def test_an_unknown_registered_model_is_one_line(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["predict", "data/real/Te-1/v0.h5", "--model", "models:/xctsam-nothing/3", "--out", "x.tif"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: models:/xctsam-nothing/3: no such registered model version") and "\n" not in err
+    assert not (project / "x.tif").exists()
+
+
 def test_missing_training_split_is_one_line(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "unet", "--root", "nowhere"]) == 2
     err = capsys.readouterr().err.strip()

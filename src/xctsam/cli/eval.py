@@ -16,7 +16,7 @@ eval_app = typer.Typer(help="Evaluate: FID of splits, (later) segmentation metri
 @app.command("predict")
 def predict(
     sources: Annotated[list[Path], typer.Argument(help="Scans: .h5, .tif stack, folder of .tif slices, .npy, .zarr (OME-Zarr), or folders of them.", show_default=False)],
-    model: Annotated[Path, typer.Option(help="Trained model (best.pt of `xctsam train`).")] = Path("models/sam/best.pt"),
+    model: Annotated[str, typer.Option(help="Trained model: a best.pt of `xctsam train`, or a registered one, models:/xctsam-sam/<version, latest or @alias>.")] = "models/sam/best.pt",
     out: Annotated[Path | None, typer.Option(help="Output file (.h5 image + labels, .tif labels, .zarr OME-Zarr) for one scan, or a folder (default prediction.h5 for one scan, predictions/ for several).")] = None,
     out_format: Annotated[str | None, typer.Option(help="Format of each output in an --out folder: tif, h5 or zarr (default: the input's family).")] = None,
     input_format: Annotated[str | None, typer.Option("--format", help="Reader of every scan: tiff, tiff-dir, hdf5, npy, zarr (default: from the path).")] = None,
@@ -39,6 +39,7 @@ def predict(
     )
     from xctsam.eval.writers import FORMATS_BY_SUFFIX
     from xctsam.models.factory import load_segmenter
+    from xctsam.models.registry import is_model_uri, load_model_uri
 
     if input_format is not None and input_format not in VOLUME_FORMATS:
         raise typer.BadParameter(f"{input_format!r} is not one of {', '.join(VOLUME_FORMATS)}", param_hint="--format")
@@ -53,7 +54,7 @@ def predict(
     scans = scan_inputs(sources)
     target = out if out is not None else Path("prediction.h5" if len(scans) == 1 else "predictions")
     jobs = shard_jobs(plan_jobs(scans, target, fmt, input_format), share)
-    segmenter, window, meta = load_segmenter(model)
+    segmenter, window, meta = load_model_uri(model) if is_model_uri(model) else load_segmenter(Path(model))
     result = predict_campaign(segmenter, window, jobs, config, input_format=input_format, dataset=dataset, out_format=fmt, attrs={"model": str(model), "model_kind": meta["kind"]}, uncertainty=uncertainty)
     for path in result.written:
         print(path)

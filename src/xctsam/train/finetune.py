@@ -38,6 +38,7 @@ from xctsam.eval.holdout import (
     finetune_volume_paths,
 )
 from xctsam.train.loop import TrainResult, process_rank, train_segmenter
+from xctsam.train.stage import register_result
 from xctsam.train.validation import whole_slice_batches
 from xctsam.util.errors import ConfigError, InputError
 from xctsam.util.hashing import file_sha256
@@ -124,13 +125,11 @@ def finetune_real(
         "variant": variant,
         "slices": len(refs),
     }
-    with (
-        sampler,
-        tracking.stage_run(
-            f"finetune_real.{variant}", logged, tags={"model": VARIANT_NAMES[variant]}
-        ),
-    ):
-        return train_segmenter(
+    tags = {"model": VARIANT_NAMES[variant]}
+    with sampler, tracking.stage_run(f"finetune_real.{variant}", logged, tags=tags):
+        folders = {split: Path(data_root) / split for split in params.finetune.volumes}
+        tracking.log_data_inputs(folders, "training", dict(params.finetune.volumes))
+        result = train_segmenter(
             model,
             sampler,
             validation,
@@ -142,3 +141,5 @@ def finetune_real(
             log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
             params_key="finetune",  # its steps and lr come from there
         )
+        register_result(result, Path(out_dir).name, logged, tags, config.tile)
+        return result

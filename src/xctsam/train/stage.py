@@ -71,9 +71,25 @@ def train_model(kind: ModelKind, params: Params, data_root: Path, out_dir: Path,
     from xctsam.util import tracking
 
     job = prepare_training(kind, params, data_root)
-    with job.sampler, tracking.stage_run(f"train_{kind}", job.logged, tags={"model": kind, **job.meta.get("foundation", {})}):
+    tags = {"model": kind, **job.meta.get("foundation", {})}
+    with job.sampler, tracking.stage_run(f"train_{kind}", job.logged, tags=tags):
         mlflow.log_metrics(job.model_counts())
-        return train_segmenter(
+        split_dirs = {split: Path(data_root) / split for split in job.config.splits}
+        tracking.log_data_inputs(split_dirs, "training", job.meta["data"])
+        result = train_segmenter(
             job.model, job.sampler, job.validation, job.config, out_dir, seed=params.seed, model_meta=job.meta, resume=resume,
             log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step), params_key=f"train.{kind}",
         )
+        register_result(result, Path(out_dir).name, job.logged, tags, job.config.tile)
+        return result
+
+
+def register_result(result: TrainResult, name: str, logged: dict[str, Any], tags: dict[str, str], tile: int) -> None:
+    """A finished training's best model into the active run and the registry as xctsam-<name>
+    (once, from rank 0: every rank of a DDP run holds the same weights)."""
+    from xctsam.models.registry import log_trained_model
+    from xctsam.util.tracking import flatten
+
+    trained = result.resumed_from < result.steps  # not a training found finished on disk
+    if result.completed and trained and process_rank() == 0:
+        log_trained_model(result.checkpoint, name, params=flatten(logged), tags=tags, tile=tile)

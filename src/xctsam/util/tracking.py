@@ -20,6 +20,10 @@ from xctsam.util.interrupt import STOPPED
 
 EXPERIMENT = os.environ.get("XCTSAM_EXPERIMENT", "xctsam")
 STORE_DIR = "mlruns"
+# MLflow 3's UI opens an experiment by its kind: untagged ones it may take for GenAI (traces,
+# an assistant) instead of training runs. These runs are model training.
+KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -54,15 +58,22 @@ def tracking_uri(root: Path | None = None) -> str:
 def configure(root: Path | None = None) -> str:
     """Point mlflow at the project's store and experiment (created once); returns its id."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import logging
+
     import mlflow
 
+    # "Creating initial MLflow database tables..." on a new store: noise on stderr, where a
+    # failing command's one error line must stand alone
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri(root))
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
+        if experiment.tags.get(KIND_TAG) != MODEL_TRAINING:  # experiments made before the tag
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, KIND_TAG, MODEL_TRAINING)
         return experiment.experiment_id
     artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (store_dir(root) / "artifacts").as_uri()
     try:
-        return mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+        return mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts, tags={KIND_TAG: MODEL_TRAINING})
     except Exception:  # another process created it between our lookup and create
         found = mlflow.get_experiment_by_name(EXPERIMENT)
         if found is None:
@@ -147,6 +158,35 @@ def data_hashes(lock: Path) -> dict[str, str]:
     }
 
 
+def dvc_hash(folder: Path, lock: Path) -> str | None:
+    """The hash dvc.lock records for `folder` or the output folder holding it, or None."""
+    hashes = data_hashes(lock)
+    relative = Path(os.path.relpath(Path(folder).resolve(), project_root())).as_posix()
+    for path, digest in sorted(hashes.items(), key=lambda item: -len(item[0])):
+        out = path.removeprefix("data.")
+        if digest and (relative == out or relative.startswith(out.rstrip("/") + "/")):
+            return digest
+    return None
+
+
+def log_data_inputs(folders: Mapping[str, Path], context: str, contents: Mapping[str, Any]) -> None:
+    """Each named data folder as a dataset input of the active run (the runs table's Dataset
+    column): its DVC hash where dvc.lock has it, else a digest of `contents[name]` (what the
+    run read of it, e.g. its files' sha256), both cut to the 32 characters MLflow keeps."""
+    import hashlib
+    import json
+
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    lock = outside_dvc_temp(project_root()) / "dvc.lock"
+    for name, folder in folders.items():
+        digest = dvc_hash(folder, lock) or hashlib.sha256(json.dumps(contents.get(name), sort_keys=True, default=str).encode()).hexdigest()
+        dataset = MetaDataset(LocalArtifactDatasetSource(str(Path(folder).resolve())), name=name, digest=digest[:32])
+        mlflow.log_input(dataset, context=context)
+
+
 def _tag_parent(run_id: str, tags: Mapping[str, str]) -> None:
     import mlflow
     from mlflow.entities import RunTag
@@ -178,6 +218,14 @@ def _pipeline_run(experiment_id: str, key: str) -> str:
     return run.info.run_id
 
 
+def source_tags() -> dict[str, str]:
+    """The runs table's Source column: the command that made the run (`xctsam train sam ...`)."""
+    import sys
+
+    command = " ".join(["xctsam", *sys.argv[1:]]) if Path(sys.argv[0]).name == "xctsam" else " ".join(sys.argv) or "python"
+    return {"mlflow.source.name": command[:500], "mlflow.source.type": "LOCAL"}
+
+
 @contextmanager
 def stage_run(stage: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
     """An MLflow run for one pipeline stage, with its params flattened and a `stage` tag.
@@ -193,7 +241,7 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None, tags: Mapping
     if parent is not None:
         _tag_parent(parent, data_hashes(project_root() / "dvc.lock"))
         _set_parent_status(parent, "RUNNING")
-    run_tags = {"stage": stage, **dict(tags or {}), **({EXECUTION_TAG: key} if key else {})}
+    run_tags = {"stage": stage, **source_tags(), **dict(tags or {}), **({EXECUTION_TAG: key} if key else {})}
     run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags, parent_run_id=parent)
     try:
         if params:
