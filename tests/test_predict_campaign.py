@@ -243,11 +243,13 @@ def test_the_command_predicts_a_folder_campaign_shard_by_shard(tmp_path: Path, t
     with tifffile.TiffFile(out / "a.tif") as tif:
         assert tif.is_imagej and json.loads(tif.imagej_metadata["Info"])["model_kind"] == "unet"
     assert read_labels(out / "c.tif").shape == (6, 40, 56)
-    rerun = xctsam(*args, cwd=tmp_path)
-    assert rerun.returncode == 0 and rerun.stdout == "" and rerun.stderr.count("kept") == 3
+    rerun = xctsam(*args, "--report", "--voxel-size", "0.02", cwd=tmp_path)
+    assert rerun.returncode == 0 and rerun.stdout == "" and rerun.stderr.count("kept") == 3, rerun.stderr
+    summary = json.loads((out / "b.defects.json").read_text())  # reports made from the kept outputs
+    assert summary["unit"] == "mm" and {"porosity", "inclusion_fraction", "counts"} <= set(summary)
 
 
-@pytest.mark.parametrize(("option", "value"), [("--shard", "2/2"), ("--out-format", "png"), ("--format", "dicom")])
+@pytest.mark.parametrize(("option", "value"), [("--shard", "2/2"), ("--out-format", "png"), ("--format", "dicom"), ("--voxel-size", "0")])
 def test_bad_predict_options_are_usage_errors(tmp_path: Path, tiny_model: TinyModel, option: str, value: str) -> None:  # noqa: F811
     source = save_scan(tmp_path, "npy", grey())
     result = xctsam(*predict_args(tiny_model, source, tmp_path / "out.tif"), option, value, cwd=tmp_path)
@@ -272,3 +274,22 @@ def test_a_project_volume_predicts_as_before(tmp_path: Path) -> None:
     write_volume(tmp_path / "grey.h5", image)
     out = predict_file(QuantiseModel(), tmp_path / "grey.h5", UNIT, PredictConfig(tile=32), tmp_path / "p.tif", device="cpu", progress=False)
     np.testing.assert_array_equal(tifffile.imread(out), quantise(image))
+
+
+# ---------------------------------------------------------------- the part's defect report
+def test_each_part_gets_its_defect_report_also_for_kept_outputs(tmp_path: Path) -> None:
+    from xctsam.config.defects import DefectsConfig
+    from xctsam.eval.part_report import part_defects
+
+    sources = [save_scan(tmp_path / "in", "npy", grey(seed=k), f"v{k}") for k in range(2)]
+    jobs = plan_jobs(sources, tmp_path / "out", "zarr", "npy")
+    model, window = QuantiseModel(), IntensityWindow(0.0, 255.0)
+    predict_campaign(model, window, jobs[:1], CONFIG, device="cpu")  # an earlier run, without reports
+    predict_campaign(model, window, jobs, CONFIG, device="cpu", defects=DefectsConfig(), voxel_size=0.05)
+    for source, job in zip(sources, jobs, strict=True):
+        summary = json.loads((tmp_path / "out" / f"{source.stem}.defects.json").read_text())
+        labels = quantise(np.load(source) / 255.0)
+        expected = part_defects(lambda z0, z1, labels=labels: labels[z0:z1], labels.shape, DefectsConfig(diameter_unit="mm"), voxel_size=0.05)
+        assert summary["porosity"] == pytest.approx(np.mean(labels == 2) / np.mean(labels >= 1))
+        assert summary["counts"] == expected.counts and summary["counts"]["pore"]["all"] > 0
+        assert (tmp_path / "out" / f"{source.stem}.defects.csv").is_file() and (tmp_path / "out" / f"{source.stem}.defects.png").is_file()

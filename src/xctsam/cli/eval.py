@@ -23,6 +23,8 @@ def predict(
     dataset: Annotated[str, typer.Option(help="HDF5 dataset holding the scan.")] = "image",
     shard: Annotated[str | None, typer.Option(help="Predict only share i/n of the scans (scan k when k mod n = i); default from SLURM_ARRAY_TASK_ID/COUNT or torchrun's RANK/WORLD_SIZE.")] = None,
     uncertainty: Annotated[bool, typer.Option(help="Also write <out>.uncertainty.tif: per-voxel normalised entropy x 255.")] = False,
+    report: Annotated[bool, typer.Option(help="Also write each part's defect report: <name>.defects.csv / .json / .png beside its output.")] = False,
+    voxel_size: Annotated[float | None, typer.Option(help="Voxel size in mm: the report's sizes and volumes in mm (default voxels).")] = None,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Segment whole scans slice by slice (overlapping tiles, Gaussian blending), memory flat in
@@ -46,16 +48,19 @@ def predict(
     fmt = FORMATS_BY_SUFFIX.get(f".{out_format}".lower()) if out_format is not None else None
     if out_format is not None and fmt is None:
         raise typer.BadParameter(f"{out_format!r} is not tif, h5 or zarr", param_hint="--out-format")
+    if voxel_size is not None and not voxel_size > 0:
+        raise typer.BadParameter(f"{voxel_size} is not a positive size in mm", param_hint="--voxel-size")
     try:
         share = parse_shard(shard) if shard is not None else shard_from_env()
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--shard") from None
-    config = load_params(params).predict
+    loaded = load_params(params)
+    config = loaded.predict
     scans = scan_inputs(sources)
     target = out if out is not None else Path("prediction.h5" if len(scans) == 1 else "predictions")
     jobs = shard_jobs(plan_jobs(scans, target, fmt, input_format), share)
     segmenter, window, meta = load_model_uri(model) if is_model_uri(model) else load_segmenter(Path(model))
-    result = predict_campaign(segmenter, window, jobs, config, input_format=input_format, dataset=dataset, out_format=fmt, attrs={"model": str(model), "model_kind": meta["kind"]}, uncertainty=uncertainty)
+    result = predict_campaign(segmenter, window, jobs, config, input_format=input_format, dataset=dataset, out_format=fmt, attrs={"model": str(model), "model_kind": meta["kind"]}, uncertainty=uncertainty, defects=loaded.defects if report else None, voxel_size=voxel_size)
     for path in result.written:
         print(path)
 

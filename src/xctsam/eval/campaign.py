@@ -12,6 +12,8 @@
   so an existing one is complete); an interrupt loses only the scan in progress.
 - Before the first scan: the memory a slice needs and a time estimate from one timed batch.
 - `uncertainty`: each output's entropy map beside it; params `predict.tta` mirrors every tile.
+- `defects`: each part's defect report beside its output (`report_part`, eval.part_report):
+  part volume, porosity, inclusion fraction, every pore and inclusion with size and position.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ import numpy as np
 import torch
 
 from xctsam import NUM_CLASSES
+from xctsam.config.defects import DefectsConfig
 from xctsam.config.eval import PredictConfig
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.scans import Scan, scan_format
 from xctsam.data.volumes import IMAGE
+from xctsam.eval.part_report import part_defects, write_part_report
 from xctsam.eval.predict import (
     SlicePrediction,
     SliceTransform,
@@ -42,6 +46,7 @@ from xctsam.eval.writers import (
     FORMATS_BY_SUFFIX,
     SUFFIX_OF,
     OutputFormat,
+    open_labels,
     refuse_overwriting,
     uncertainty_path,
     write_prediction,
@@ -210,6 +215,19 @@ def provenance(source: Scan, window: IntensityWindow, config: PredictConfig, att
     return {"source": str(source.path), "window": window.to_dict(), "predict": config.model_dump(), **dict(attrs or {})}
 
 
+def report_part(out: Path, defects: DefectsConfig, voxel_size: float | None = None) -> list[Path]:
+    """The part's defect report (CSV, JSON, histogram PNG) from a written prediction, beside it:
+    `<name>.defects.*`. A voxel size (mm) gives sizes and volumes in mm."""
+    config = defects if voxel_size is None else defects.model_copy(update={"diameter_unit": "mm"})
+    with open_labels(out) as labels:
+        report = part_defects(labels.raw, labels.shape, config, voxel_size=voxel_size or 1.0)
+    return write_part_report(report, Path(out).parent, scan_stem(Path(out)))
+
+
+def report_path(out: Path) -> Path:
+    return Path(out).parent / f"{scan_stem(Path(out))}.defects.json"
+
+
 class CampaignResult(NamedTuple):
     written: list[Path]
     kept: list[Path]  # outputs that already existed: their scans were skipped
@@ -227,8 +245,11 @@ def predict_campaign(
     device: torch.device | str | None = None,
     attrs: Mapping[str, Any] | None = None,
     uncertainty: bool = False,
+    defects: DefectsConfig | None = None,
+    voxel_size: float | None = None,
 ) -> CampaignResult:
-    """Predict every job whose output does not exist yet, with a bar per scan and overall."""
+    """Predict every job whose output does not exist yet, with a bar per scan and overall; with
+    `defects`, each part's defect report too (also for kept outputs that have none yet)."""
     device = torch.device(device) if device is not None else pick_device()
     for job in jobs:  # an output onto its own scan is an error, not a finished job to skip
         refuse_overwriting(job.out, job.source)
@@ -236,6 +257,8 @@ def predict_campaign(
     kept = [job.out for job in jobs if job.out.exists()]
     for out in kept:
         console.print(f"kept {out} (exists; delete it to predict its scan again)")
+        if defects is not None and not report_path(out).exists():
+            report_part(out, defects, voxel_size)
     if not todo:
         return CampaignResult([], kept)
     per_tile = seconds_per_tile(model, config, device)
@@ -248,6 +271,8 @@ def predict_campaign(
                 predictions = bars.counted(predict_volume(model, source, window, config, device, progress=False), job.source.name, source.n_slices)
                 side = uncertainty_path(job.out) if uncertainty else None
                 write_prediction(predictions, job.out, source, out_format, provenance(source, window, config, attrs), side)
+            if defects is not None:
+                report_part(job.out, defects, voxel_size)
             written.append(job.out)
             bars.scan_done()
     return CampaignResult(written, kept)

@@ -26,8 +26,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from xctsam.data.scans import GreySource
-from xctsam.data.volumes import VolumeWriter
+from xctsam.data.scans import GreySource, Scan
+from xctsam.data.volumes import LABELS, VolumeWriter
 from xctsam.eval.uncertainty import normalised_entropy
 from xctsam.util.atomic import atomic_path
 from xctsam.util.errors import InputError
@@ -35,6 +35,7 @@ from xctsam.util.errors import InputError
 OutputFormat = Literal["hdf5", "tiff", "zarr"]
 FORMATS_BY_SUFFIX: dict[str, OutputFormat] = {".h5": "hdf5", ".hdf5": "hdf5", ".tif": "tiff", ".tiff": "tiff", ".zarr": "zarr"}
 SUFFIX_OF: dict[OutputFormat, str] = {"hdf5": ".h5", "tiff": ".tif", "zarr": ".zarr"}
+ZARR_LABELS = "segmentation"  # the labels image's name in an OME-Zarr output (OmeZarrLabelsWriter's default)
 
 
 def output_format(out: Path, fmt: OutputFormat | None = None) -> OutputFormat:
@@ -65,6 +66,16 @@ def _in_order(predictions: Iterable[tuple[Any, ...]], n_slices: int) -> Iterator
         expected += 1
     if expected != n_slices:
         raise ValueError(f"{expected} predicted slices for a volume of {n_slices}")
+
+
+def open_labels(out: Path) -> Scan:
+    """A written prediction's labels, for reading back slab by slab (e.g. the part's defect report)."""
+    fmt = output_format(out)
+    if fmt == "hdf5":
+        return Scan(out, "hdf5", LABELS)
+    if fmt == "zarr":
+        return Scan(Path(out) / "labels" / ZARR_LABELS, "zarr")
+    return Scan(out, "tiff")
 
 
 def uncertainty_path(out: Path) -> Path:
