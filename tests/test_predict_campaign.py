@@ -286,7 +286,7 @@ def test_each_part_gets_its_defect_report_also_for_kept_outputs(tmp_path: Path) 
     model, window = QuantiseModel(), IntensityWindow(0.0, 255.0)
     predict_campaign(model, window, jobs[:1], CONFIG, device="cpu")  # an earlier run, without reports
     predict_campaign(model, window, jobs, CONFIG, device="cpu", defects=DefectsConfig(), voxel_size=0.05)
-    for source, job in zip(sources, jobs, strict=True):
+    for source in sources:
         summary = json.loads((tmp_path / "out" / f"{source.stem}.defects.json").read_text())
         labels = quantise(np.load(source) / 255.0)
         expected = part_defects(lambda z0, z1, labels=labels: labels[z0:z1], labels.shape, DefectsConfig(diameter_unit="mm"), voxel_size=0.05)
