@@ -16,7 +16,7 @@ eval_app = typer.Typer(help="Evaluate: FID of splits, (later) segmentation metri
 @app.command("predict")
 def predict(
     sources: Annotated[list[Path], typer.Argument(help="Scans: .h5, .tif stack, folder of .tif slices, .npy, .zarr (OME-Zarr), or folders of them.", show_default=False)],
-    model: Annotated[str, typer.Option(help="Trained model: a best.pt of `xctsam train`, or a registered one, models:/xctsam-sam/<version, latest or @alias>.")] = "models/sam/best.pt",
+    model: Annotated[str, typer.Option(help="Trained model: a best.pt of `xctsam train`, an exported .onnx, or a registered one, models:/xctsam-sam/<version, latest or @alias>.")] = "models/sam/best.pt",
     out: Annotated[Path | None, typer.Option(help="Output file (.h5 image + labels, .tif labels, .zarr OME-Zarr) for one scan, or a folder (default prediction.h5 for one scan, predictions/ for several).")] = None,
     out_format: Annotated[str | None, typer.Option(help="Format of each output in an --out folder: tif, h5 or zarr (default: the input's family).")] = None,
     input_format: Annotated[str | None, typer.Option("--format", help="Reader of every scan: tiff, tiff-dir, hdf5, npy, zarr (default: from the path).")] = None,
@@ -40,8 +40,7 @@ def predict(
         shard_jobs,
     )
     from xctsam.eval.writers import FORMATS_BY_SUFFIX
-    from xctsam.models.factory import load_segmenter
-    from xctsam.models.registry import is_model_uri, load_model_uri
+    from xctsam.models.factory import load_model
 
     if input_format is not None and input_format not in VOLUME_FORMATS:
         raise typer.BadParameter(f"{input_format!r} is not one of {', '.join(VOLUME_FORMATS)}", param_hint="--format")
@@ -59,10 +58,31 @@ def predict(
     scans = scan_inputs(sources)
     target = out if out is not None else Path("prediction.h5" if len(scans) == 1 else "predictions")
     jobs = shard_jobs(plan_jobs(scans, target, fmt, input_format), share)
-    segmenter, window, meta = load_model_uri(model) if is_model_uri(model) else load_segmenter(Path(model))
+    segmenter, window, meta = load_model(model)
+    if segmenter.fixed_tile is not None:  # an exported model takes the tile it was exported for
+        config = config.model_copy(update={"tile": segmenter.fixed_tile})
     result = predict_campaign(segmenter, window, jobs, config, input_format=input_format, dataset=dataset, out_format=fmt, attrs={"model": str(model), "model_kind": meta["kind"]}, uncertainty=uncertainty, defects=loaded.defects if report else None, voxel_size=voxel_size)
     for path in result.written:
         print(path)
+
+
+@app.command("export")
+def export(
+    model: Annotated[str, typer.Option(help="Trained model: a best.pt or models:/xctsam-<model>/<version>.")] = "models/sam/best.pt",
+    out: Annotated[Path, typer.Option(help="ONNX file to write.")] = Path("model.onnx"),
+    tile: Annotated[int | None, typer.Option(help="Tile size the graph takes (default params predict.tile).", min=16)] = None,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Export a trained segmenter as ONNX (tiles in, probabilities and labels out, the grey
+    window and labelling rule in its metadata); `xctsam predict --model x.onnx` runs it."""
+    from xctsam.config.params import load_params
+    from xctsam.models.export import export_onnx
+    from xctsam.models.factory import load_model
+
+    if out.exists():
+        raise typer.BadParameter(f"{out} exists; choose another name or delete it", param_hint="--out")
+    segmenter, window, meta = load_model(model)
+    print(export_onnx(segmenter, window, meta, out, tile or load_params(params).predict.tile))
 
 
 # ---------------------------------------------------------------- eval

@@ -18,6 +18,10 @@ from xctsam.models.losses import class_argmax, segmentation_loss
 
 class Segmenter(nn.Module, ABC):
     context: int = 1  # input slices per sample
+    # how `to_labels` reads probabilities (losses.LABELLINGS): argmax, or "paint" for one binary
+    # model per class; an exported model records it so its users label as the model does
+    labelling: str = "argmax"
+    fixed_tile: int | None = None  # the one tile size the model takes (an exported graph), else any
 
     @abstractmethod
     def forward(self, images: torch.Tensor) -> torch.Tensor:

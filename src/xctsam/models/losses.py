@@ -48,6 +48,21 @@ def class_argmax(scores: torch.Tensor) -> torch.Tensor:
     return scores.max(dim=1).indices
 
 
+
+PAINT_THRESHOLD = 0.5
+
+
+def paint_labels(probabilities: torch.Tensor, threshold: float = PAINT_THRESHOLD) -> torch.Tensor:
+    """(B, 4, H, W) per-class probabilities -> (B, H, W) labels: background, then each class
+    painted over the previous where its probability exceeds `threshold` (the study's binary models)."""
+    labels = torch.zeros(probabilities.shape[:1] + probabilities.shape[2:], dtype=torch.long, device=probabilities.device)
+    for label in range(1, probabilities.shape[1]):  # channels follow the label values 1..3
+        labels[probabilities[:, label] > threshold] = label
+    return labels
+
+
+LABELLINGS = {"argmax": class_argmax, "paint": paint_labels}
+
 def soft_dice_loss(probabilities: torch.Tensor, targets: torch.Tensor, predicted: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """1 - weighted mean pooled soft Dice over the classes present in targets or hard predictions.
 

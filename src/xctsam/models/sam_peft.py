@@ -43,14 +43,12 @@ from xctsam import CLASS_NAMES, NUM_CLASSES
 from xctsam.config.sam import ConvLoraConfig, SamConfig
 from xctsam.models.base import MulticlassSegmenter, Segmenter
 from xctsam.models.conv_lora import ConvLoRAQKV, collect_balance_loss, inject_conv_lora
-from xctsam.models.losses import binary_segmentation_loss
+from xctsam.models.losses import binary_segmentation_loss, paint_labels
 from xctsam.models.refine import refine_head
 from xctsam.models.sam_builder import Sam, build_sam
 
 PIXEL_RANGE = 255.0  # SAM's normalisation expects 0..255 RGB
 PER_CLASS_ORDER: tuple[str, ...] = CLASS_NAMES[1:]  # painting order: material, pore, inclusion
-PAINT_THRESHOLD = 0.5
-
 
 # ---------------------------------------------------------------- one adapted SAM
 def sam_input(sam: Sam, images: torch.Tensor) -> torch.Tensor:
@@ -183,6 +181,8 @@ class PerClassPeftSam(_ConvLoraSegmenter):
     channel by channel and then painting equals painting the blended per-class probabilities.
     """
 
+    labelling = "paint"
+
     def __init__(
         self,
         config: SamConfig,
@@ -242,14 +242,7 @@ class PerClassPeftSam(_ConvLoraSegmenter):
 
     def to_labels(self, probabilities: torch.Tensor) -> torch.Tensor:
         """Background, then each class painted over the previous where its probability > 0.5."""
-        labels = torch.zeros(
-            probabilities.shape[:1] + probabilities.shape[2:],
-            dtype=torch.long,
-            device=probabilities.device,
-        )
-        for label in range(1, NUM_CLASSES):  # channels follow the label values 1..3
-            labels[probabilities[:, label] > PAINT_THRESHOLD] = label
-        return labels
+        return paint_labels(probabilities)
 
 
 def build_peft_sam(
