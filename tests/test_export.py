@@ -17,7 +17,8 @@ from xctsam.data.datasets import IntensityWindow
 from xctsam.data.volumes import write_volume
 from xctsam.models.checkpoint import save_segmenter_checkpoint
 from xctsam.models.export import OnnxSegmenter
-from xctsam.models.factory import build_segmenter, load_model, model_meta
+from xctsam.models.factory import build_segmenter, model_meta
+from xctsam.models.registry import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 TILE = 32

@@ -40,7 +40,7 @@ def predict(
         shard_jobs,
     )
     from xctsam.eval.writers import FORMATS_BY_SUFFIX
-    from xctsam.models.factory import load_model
+    from xctsam.models.registry import load_model
 
     if input_format is not None and input_format not in VOLUME_FORMATS:
         raise typer.BadParameter(f"{input_format!r} is not one of {', '.join(VOLUME_FORMATS)}", param_hint="--format")
@@ -77,7 +77,7 @@ def export(
     window and labelling rule in its metadata); `xctsam predict --model x.onnx` runs it."""
     from xctsam.config.params import load_params
     from xctsam.models.export import export_onnx
-    from xctsam.models.factory import load_model
+    from xctsam.models.registry import load_model
 
     if out.exists():
         raise typer.BadParameter(f"{out} exists; choose another name or delete it", param_hint="--out")

@@ -7,6 +7,8 @@ is refused with one line wherever it enters: import, prediction, training, `data
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +110,31 @@ def check_label_dtype(dtype: np.dtype, source: Path | str) -> None:
     dtype = np.dtype(dtype)
     if dtype.kind not in "biu":
         raise InputError(source, f"labels have dtype {dtype}, not integer", LABEL_REMEDY)
+
+
+# Decoders (Pillow, tifffile, zlib, numpy, HDF5) report corrupt or truncated files with any of
+# these; they are caught only around the decoding call itself and turned into an InputError.
+DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    EOFError,
+    SyntaxError,
+    zlib.error,
+    struct.error,
+    KeyError,
+    IndexError,
+    RuntimeError,
+)
+
+
+def require_exists(path: Path, what: str, *, folder: bool = False) -> None:
+    if not path.exists():
+        raise InputError(path, f"{what} not found", "check the path")
+    if folder and not path.is_dir():
+        raise InputError(path, f"{what} is not a folder", "give the folder that holds the files")
+    if not folder and path.is_dir():
+        raise InputError(
+            path,
+            f"{what} is a folder, not a file",
+            "give the file (or the folder's format, e.g. tiff-dir)",
+        )

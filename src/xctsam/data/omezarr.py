@@ -31,7 +31,7 @@ from zarr.codecs import BloscCodec
 from zarr.storage import LocalStore
 
 from xctsam import CLASS_NAMES, NUM_CLASSES
-from xctsam.data.readers import DECODE_ERRORS, require_exists
+from xctsam.data.checks import DECODE_ERRORS, require_exists
 from xctsam.util.atomic import atomic_dir
 from xctsam.util.errors import InputError
 

@@ -11,8 +11,6 @@ the numbers; a corrupt file is an InputError naming it. The small file helpers h
 from __future__ import annotations
 
 import re
-import struct
-import zlib
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -23,23 +21,11 @@ import numpy as np
 import tifffile
 
 from xctsam import __version__
+from xctsam.data.checks import DECODE_ERRORS, require_exists
 from xctsam.util.errors import InputError
 
 VOLUME_FORMATS = ("tiff-dir", "tiff", "hdf5", "npy", "zarr")
 
-# Decoders (Pillow, tifffile, zlib, numpy, HDF5) report corrupt or truncated files with any of
-# these; they are caught only around the decoding call itself and turned into an InputError.
-DECODE_ERRORS = (
-    OSError,
-    ValueError,
-    EOFError,
-    SyntaxError,
-    zlib.error,
-    struct.error,
-    KeyError,
-    IndexError,
-    RuntimeError,
-)
 
 
 _TIFF_SUFFIXES = {".tif", ".tiff"}
@@ -50,19 +36,6 @@ SLAB_BYTES = 64 * 2**20  # how much of a source array to read at once (HDF5, NPY
 def provenance(importer: str) -> dict[str, str]:
     """What an importer records in the volumes and manifests it writes: its qualified name, the version."""
     return {"importer": importer, "xctsam_version": __version__}
-
-
-def require_exists(path: Path, what: str, *, folder: bool = False) -> None:
-    if not path.exists():
-        raise InputError(path, f"{what} not found", "check the path")
-    if folder and not path.is_dir():
-        raise InputError(path, f"{what} is not a folder", "give the folder that holds the files")
-    if not folder and path.is_dir():
-        raise InputError(
-            path,
-            f"{what} is a folder, not a file",
-            "give the file (or the folder's format, e.g. tiff-dir)",
-        )
 
 
 def visible_entries(folder: Path) -> list[Path]:

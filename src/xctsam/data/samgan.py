@@ -18,13 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from xctsam.data.checks import check_fits_in_memory
-from xctsam.data.readers import (
-    DECODE_ERRORS,
-    provenance,
-    require_exists,
-    visible_entries,
-)
+from xctsam.data.checks import DECODE_ERRORS, check_fits_in_memory, require_exists
+from xctsam.data.readers import provenance, visible_entries
 from xctsam.data.split_folders import write_manifest
 from xctsam.data.volumes import VolumeWriter
 from xctsam.util.atomic import (

@@ -21,9 +21,8 @@ from typing import Protocol
 import numpy as np
 import tifffile
 
-from xctsam.data.checks import check_finite, check_real_dtype
+from xctsam.data.checks import DECODE_ERRORS, check_finite, check_real_dtype
 from xctsam.data.readers import (
-    DECODE_ERRORS,
     VOLUME_FORMATS,
     natural_key,
     open_stack,

@@ -96,16 +96,3 @@ def load_segmenter(path: Path) -> tuple[Segmenter, IntensityWindow, dict[str, An
     model.eval()
     return model, IntensityWindow(**meta["window"]), meta
 
-
-def load_model(spec: str | Path) -> tuple[Segmenter, IntensityWindow, dict[str, Any]]:
-    """A model as users name one: a registered `models:/xctsam-sam/<version>`, an exported
-    `.onnx` file, or a `best.pt` checkpoint; (model in eval mode, its window, its meta)."""
-    from xctsam.models.registry import is_model_uri, load_model_uri
-
-    if is_model_uri(str(spec)):
-        return load_model_uri(str(spec))
-    if Path(spec).suffix.lower() == ".onnx":
-        from xctsam.models.export import load_onnx
-
-        return load_onnx(Path(spec))
-    return load_segmenter(Path(spec))

@@ -8,6 +8,7 @@ tags, and the checkpoint's meta (kind, config, intensity window) as its metadata
 registered as `xctsam-<name>` (`xctsam-sam`, `xctsam-unet`, `xctsam-sam-sim`, ...), so every
 training of a model is a new version of one registered model.
 
+`load_model(spec)` loads what a user names: a `models:/` URI, an exported `.onnx`, a `best.pt`.
 `load_model_uri` reads `models:/xctsam-sam/3`, `models:/xctsam-sam/latest` or
 `models:/xctsam-sam@alias` back as (segmenter, window, meta), what `load_segmenter` gives for a
 file, so `xctsam predict --model` takes either.
@@ -88,3 +89,17 @@ def load_model_uri(uri: str) -> tuple[Segmenter, IntensityWindow, dict[str, Any]
         raise InputError(uri, "is not a segmenter logged by xctsam", "give a models:/xctsam-<model>/<version> URI")
     model.eval()
     return model, IntensityWindow(**meta["window"]), meta
+
+
+def load_model(spec: str | Path) -> tuple[Segmenter, IntensityWindow, dict[str, Any]]:
+    """A model as users name one: a registered `models:/xctsam-sam/<version>`, an exported
+    `.onnx` file, or a `best.pt` checkpoint; (model in eval mode, its window, its meta)."""
+    from xctsam.models.factory import load_segmenter
+
+    if is_model_uri(str(spec)):
+        return load_model_uri(str(spec))
+    if Path(spec).suffix.lower() == ".onnx":
+        from xctsam.models.export import load_onnx
+
+        return load_onnx(Path(spec))
+    return load_segmenter(Path(spec))
