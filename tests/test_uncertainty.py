@@ -1,4 +1,5 @@
-"""Test-time augmentation, the uncertainty map beside predictions, and calibration error."""
+"""Test-time augmentation, tri-planar fusion, the uncertainty map beside predictions, and
+calibration error."""
 
 from __future__ import annotations
 
@@ -49,6 +50,33 @@ def test_flip_tta_averages_the_mirrored_views(volume: Path) -> None:
     _, mirrored = predict_all(RampModel(), volume, PredictConfig(tile=48, overlap=0.0, tta="flips"))
     assert np.ptp(plain[:, 1]) > 0.9  # the ramp itself
     np.testing.assert_allclose(mirrored[:, 1], 0.5, atol=1e-6)  # its mirror images averaged out
+
+
+def test_tri_planar_fusion_leaves_a_pointwise_model_unchanged(volume: Path) -> None:
+    from tests.test_predict import QuantiseModel
+
+    for context in (1, 3):
+        plain = predict_all(QuantiseModel(context=context), volume, PredictConfig(tile=32))
+        fused = predict_all(QuantiseModel(context=context), volume, PredictConfig(tile=32, planes=["z", "y", "x"]))
+        np.testing.assert_array_equal(plain[0], fused[0])
+        np.testing.assert_allclose(plain[1], fused[1], atol=1e-6)
+
+
+def test_tri_planar_fusion_averages_the_three_orientations(volume: Path) -> None:
+    """The ramp runs along each pass's in-plane x: X for the z and y passes, Y for the x pass."""
+    _, fused = predict_all(RampModel(), volume, PredictConfig(tile=48, overlap=0.0, planes=["z", "y", "x"]))
+    depth, height, width = fused.shape[0], fused.shape[2], fused.shape[3]
+    ramp_x = np.linspace(0, 1, 48)[:width]  # one 48-wide tile covers x (reflect-padded)
+    ramp_y = np.linspace(0, 1, 48)[:height]
+    expected = (2 * ramp_x[None, None, :] + ramp_y[None, :, None]) / 3
+    np.testing.assert_allclose(fused[:, 1], np.broadcast_to(expected, (depth, height, width)), atol=1e-5)
+
+
+def test_planes_are_each_named_once() -> None:
+    with pytest.raises(ValueError, match="planes"):
+        PredictConfig(planes=["z", "z"])
+    with pytest.raises(ValueError, match="planes"):
+        PredictConfig(planes=[])
 
 
 def test_entropy_is_zero_for_certainty_and_one_for_ignorance() -> None:

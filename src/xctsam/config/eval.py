@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from xctsam.config.base import Float, Int, NonNegativeFloat, PositiveFloat, StrictModel
 
@@ -18,6 +18,17 @@ class PredictConfig(StrictModel):
     # flips: test-time augmentation, every tile also predicted mirrored in x, in y and in both and
     # the four probabilities averaged (nnU-Net's in-plane mirroring; 4x the inference time)
     tta: Literal["none", "flips"] = "none"
+    # the axes the 2.5D models slice the volume along; [z, y, x]: tri-planar fusion, the
+    # probabilities of all three passes averaged (3x the time; the normalised volume and the
+    # summed probabilities, 20 bytes a voxel, are held in temporary files, not in memory)
+    planes: list[Literal["z", "y", "x"]] = ["z"]
+
+    @field_validator("planes")
+    @classmethod
+    def _planes_distinct(cls, planes: list[str]) -> list[str]:
+        if not planes or len(set(planes)) != len(planes):
+            raise ValueError("planes: one or more of z, y, x, each once")
+        return planes
 
 
 class BootstrapConfig(StrictModel):

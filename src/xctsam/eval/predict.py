@@ -252,10 +252,72 @@ def predict_volume(
             only = None if slices is None else sorted(set(slices))
             if only is not None and not all(0 <= z < source.n_slices for z in only):
                 raise ValueError(f"slices {only} outside 0..{source.n_slices - 1} of {source.path}")
-            stacks = _context_stacks(source, window, context, transform, progress, only)
-            yield from _predict_stacks(model, stacks, config, device)
+            if config.planes == ["z"]:
+                stacks = _context_stacks(source, window, context, transform, progress, only)
+                yield from _predict_stacks(model, stacks, config, device)
+            else:
+                yield from _fused_planes(model, source, window, config, device, transform, progress, only)
         finally:
             model.train(was_training)
+
+
+# ---------------------------------------------------------------- tri-planar fusion
+AXIS_OF_PLANE = {"z": 0, "y": 1, "x": 2}
+
+
+class _ArraySlices:
+    """A (k, m, n) array seen as a GreySource (slices along its first axis), e.g. a memory-mapped
+    volume transposed so that the axis to slice along comes first."""
+
+    def __init__(self, array: np.ndarray, path: Path) -> None:
+        self.array, self.path = array, path
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def n_slices(self) -> int:
+        return self.array.shape[0]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    def raw(self, z0: int, z1: int) -> np.ndarray:
+        return np.array(self.array[z0:z1])
+
+    def image(self, z0: int = 0, z1: int | None = None) -> np.ndarray:
+        return np.array(self.array[z0:z1], dtype=np.float32)
+
+
+def _fused_planes(
+    model: Segmenter, source: GreySource, window: IntensityWindow, config: PredictConfig, device: torch.device,
+    transform: SliceTransform | None, progress: bool, only: list[int] | None,
+) -> Iterator[SlicePrediction]:
+    """Run the model along each axis of `config.planes` and yield z slices of the averaged
+    probabilities. The normalised (and transformed) volume and the probability sums live in
+    memory-mapped temporary files: memory stays at a slice per pass, the disk holds the volume."""
+    import tempfile
+
+    depth, height, width = source.shape
+    with tempfile.TemporaryDirectory(prefix="xctsam-planes-") as folder:
+        unit = np.lib.format.open_memmap(Path(folder) / "unit.npy", mode="w+", dtype=np.float32, shape=source.shape)
+        for z, stack in _context_stacks(source, window, 1, transform, False, None):
+            unit[z] = stack[0]  # normalised and transformed once, as a single-plane pass would
+        summed = np.lib.format.open_memmap(Path(folder) / "sum.npy", mode="w+", dtype=np.float32, shape=(NUM_CLASSES, depth, height, width))
+        identity = IntensityWindow(0.0, 1.0)  # `unit` is normalised already
+        for plane in config.planes:
+            axis = AXIS_OF_PLANE[plane]
+            view = _ArraySlices(np.moveaxis(unit, axis, 0), source.path)
+            stacks = _context_stacks(view, identity, int(model.context), None, progress, None)
+            for prediction in _predict_stacks(model, stacks, config, device):
+                index = [slice(None)] * 4
+                index[1 + axis] = prediction.z
+                summed[tuple(index)] += prediction.probabilities
+        for z in only if only is not None else range(depth):
+            probabilities = np.asarray(summed[:, z]) / len(config.planes)
+            yield SlicePrediction(z, _labels(model, probabilities, device), probabilities)
 
 
 def _predict_stacks(model: Segmenter, stacks: Iterable[tuple[int, np.ndarray]], config: PredictConfig, device: torch.device) -> Iterator[SlicePrediction]:
