@@ -24,7 +24,6 @@ import statistics
 import time
 from pathlib import Path
 
-
 VARIANTS = {"plain": {}, "flips": {"tta": "flips"}, "tri-planar": {"planes": ["z", "y", "x"]}}
 
 
