@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -36,7 +37,8 @@ def test_ui_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     ui = subprocess.Popen([sys.executable, "-m", "xctsam.cli", "ui", "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
     try:
-        assert f"http://127.0.0.1:{port}" in ui.stdout.readline()
+        # the link opens the experiment's runs in MLflow 3's model-training view, not its GenAI overview
+        assert re.search(rf"http://127\.0\.0\.1:{port}/#/experiments/\d+/runs\?workflowType=machine_learning ", ui.stdout.readline())
         answer = get_when_served(f"http://127.0.0.1:{port}/", 120)
         assert answer is not None and answer[0] == 200
         assert (tmp_path / "mlruns" / "mlflow.db").is_file()  # the project's own store

@@ -25,9 +25,16 @@ def ui_command(port: int, uri: str) -> list[str]:
 def serve(port: int = 5000) -> int:
     """Run the UI until Ctrl-C (or SIGTERM); returns the exit code."""
     check_port_free(port)
-    tracking.configure()  # creates the store and experiment, so a fresh project shows them
+    experiment = tracking.configure()  # creates the store and experiment, so a fresh project shows them
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    return run_server(ui_command(port, tracking.tracking_uri()), env, f"MLflow UI: http://127.0.0.1:{port}  (store {tracking.tracking_uri()}); Ctrl-C stops it")
+    return run_server(ui_command(port, tracking.tracking_uri()), env, f"MLflow UI: {runs_url(port, experiment)}  (store {tracking.tracking_uri()}); Ctrl-C stops it")
+
+
+def runs_url(port: int, experiment_id: str) -> str:
+    """The experiment's runs table. MLflow 3's UI keeps a GenAI / model-training switch of its
+    own (browser storage, GenAI at first) that decides over the experiment's kind tag; the
+    `workflowType` query parameter sets it, so the link opens on runs, not a traces overview."""
+    return f"http://{HOST}:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def check_port_free(port: int) -> None:

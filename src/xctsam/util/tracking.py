@@ -222,8 +222,20 @@ def source_tags() -> dict[str, str]:
     """The runs table's Source column: the command that made the run (`xctsam train sam ...`)."""
     import sys
 
-    command = " ".join(["xctsam", *sys.argv[1:]]) if Path(sys.argv[0]).name == "xctsam" else " ".join(sys.argv) or "python"
+    # the command's words up to its first option: the UI shows a source's last path part, so
+    # `--out models/unet` would show as "unet"
+    words = ["xctsam", *sys.argv[1:]] if Path(sys.argv[0]).name == "xctsam" else [Path(sys.argv[0]).name or "python"]
+    command = " ".join(word for word in _leading_words(words))
     return {"mlflow.source.name": command[:500], "mlflow.source.type": "LOCAL"}
+
+
+def _leading_words(words: list[str]) -> list[str]:
+    leading = []
+    for word in words:
+        if word.startswith("-") or "/" in word:
+            break
+        leading.append(word)
+    return leading or words[:1]
 
 
 @contextmanager
