@@ -129,6 +129,23 @@ def test_missing_forgetting_says_not_run_yet(report: tuple[Path, Path, Path]) ->
     assert NOT_RUN in html.read_text()
 
 
+def test_each_split_has_a_part_report_of_the_truth_beside_each_model(report: tuple[Path, Path, Path], params: Params) -> None:
+    from xctsam.data.volumes import Volume
+    from xctsam.eval.part_report import part_defects
+
+    root, md, _ = report
+    assert _header_of(md.read_text(), "Defect report per part") == ["split", "labels", "porosity", "inclusion fraction", "pores", "internal pores", "inclusions", "largest pore"]
+    rows = _rows_of(md.read_text(), "Defect report per part")
+    shown = [row[0] for row in rows[::3]]  # splits in the report's order (by distance to training)
+    assert sorted(shown) == sorted(SPLITS)
+    assert [row[:2] for row in rows] == [[split, source] for split in shown for source in ("truth", "SAM-GAN", "U-Net")]
+    with Volume(root / "data" / "real" / shown[0] / f"{shown[0]}_000.h5") as volume:
+        labels = volume.labels()
+    truth = part_defects(lambda z0, z1: labels[z0:z1], labels.shape, params.defects)
+    assert rows[0][4] == str(truth.counts["pore"]["all"]) and rows[0][6] == str(truth.counts["inclusion"]["all"])
+    assert float(rows[0][2].rstrip("%")) == pytest.approx(100 * truth.porosity, abs=1e-3)
+
+
 def test_overlays_per_split_and_html_is_self_contained(report: tuple[Path, Path, Path]) -> None:
     root, md, html = report
     overlays = sorted((root / "reports" / "overlays").glob("*.png"))
@@ -150,7 +167,7 @@ def test_forgetting_table_when_present(tmp_path: Path, params: Params, monkeypat
     assert [float(row[2]) for row in rows] == pytest.approx([0.0, 0.1, 0.2, 0.1])
     assert _header_of(text, "Forgetting") == ["variant", "split", "pore"]  # old layout: no role column
     assert "Forgetting: in-domain" not in text  # "iou": {} gives no matrix
-    assert text.count(NOT_RUN) == 7  # distance, IoU, ablation, defects, shift, robustness, overlays
+    assert text.count(NOT_RUN) == 8  # distance, IoU, ablation, defects, part reports, shift, robustness, overlays
 
 
 def test_zero_shot_baselines_join_the_iou_table(tmp_path: Path, params: Params) -> None:

@@ -115,6 +115,12 @@ MATRIX_NOTE = (
     "Mean IoU over material, pore and inclusion (undefined classes skipped) per model and split: for the fine-tuned "
     "variants the adaptation column is in domain, the others out of domain."
 )
+PARTS_NOTE = (
+    "What `xctsam predict --report` tells quality control about a part, for the first labelled volume of each split: "
+    "from the ground truth and from each model's labels. Porosity and inclusion fraction are shares of the part "
+    "(labels >= 1); pores and inclusions count 3-D components (26-connected), internal ones lie inside the part eroded "
+    "by defects.surface_depth; the largest pore is its equivalent diameter (voxels, or mm with a voxel size)."
+)
 
 
 def defects_note(defects: Mapping[str, Any] | None) -> str:

@@ -23,6 +23,7 @@ from xctsam.report.inputs import (
 from xctsam.report.notes import (
     MATRIX_NOTE,
     NOT_RUN,
+    PARTS_NOTE,
     ablation_note,
     defects_note,
     distance_note,
@@ -31,6 +32,7 @@ from xctsam.report.notes import (
     shift_note,
 )
 from xctsam.report.overlays import write_overlays
+from xctsam.report.parts import part_table
 from xctsam.report.render import Section, render_html, render_markdown
 from xctsam.report.tables import (
     ablation_table,
@@ -68,6 +70,7 @@ def build_sections(params: Params, root: Path, out_dir: Path, models: Mapping[st
         ablation_section(read_ablations(root / ABLATION_DIR, params.study.ablation), params.study.ablation, order),
         *forgetting_sections(forgetting, order),
         defects_section(read_json(metrics / "defects.json"), order, out_dir / DEFECTS_PNG),
+        parts_section(params, data_root, models, order, cache),
         shift_section(scored, fid, out_dir / SHIFT_PNG),
         Section("Robustness to noise", note="" if robustness_pngs else NOT_RUN, images=robustness_pngs),
         Section("Overlays: input / truth / each model", note="" if overlays else f"{NOT_RUN} (no trained models)", images=overlays),
@@ -98,6 +101,11 @@ def defects_section(defects: Mapping[str, Any] | None, order: Sequence[str], out
     scored = defects if defects and defects.get("scores") else None
     images = _drawn(draw_defect_recall(scored, out_png) if scored else None, out_png)
     return Section("Per-defect detection", note=defects_note(scored), table=defects_table(scored, order) if scored else None, images=images)
+
+
+def parts_section(params: Params, data_root: Path, models: Mapping[str, Path], order: Sequence[str], cache: LabelCache | None) -> Section:
+    table = part_table(params.eval.splits, params.predict, params.defects, data_root, models, order, cache)
+    return Section("Defect report per part: prediction vs truth", note=PARTS_NOTE if table is not None else f"{NOT_RUN} (no trained models)", table=table)
 
 
 def shift_section(evaluation: Mapping[str, Any] | None, fid: Mapping[str, Any] | None, out_png: Path) -> Section:
