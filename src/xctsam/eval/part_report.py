@@ -46,6 +46,7 @@ from xctsam.eval.defects import (
     _STRUCTURE,
     DEFECT_CLASSES,
     LOCATIONS,
+    _check,
     equivalent_diameter,
     eroded_part,
 )
@@ -268,11 +269,7 @@ def _read(read: Reader, lo: int, hi: int, shape: tuple[int, int, int]) -> np.nda
     labels = np.asarray(read(lo, hi))
     if labels.shape != (hi - lo, *shape[1:]):
         raise ValueError(f"read({lo}, {hi}) returned shape {labels.shape}, expected {(hi - lo, *shape[1:])}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be integers, got {labels.dtype} in slices {lo}..{hi}")
-    if labels.size and (labels.min() < 0 or labels.max() > 3):
-        raise ValueError(f"labels outside 0..3 in slices {lo}..{hi}: {int(labels.min())}..{int(labels.max())}")
-    return labels
+    return _check(labels, f"slices {lo}..{hi}:")  # integer labels in 0..3, as defect_scores takes them
 
 
 def _scale(config: DefectsConfig, voxel_size: float) -> float:
