@@ -11,6 +11,7 @@ trained (e.g. after `dvc repro evaluate`), the machine otherwise idle:
     .venv/bin/python benchmarks/bench_tta_calibration.py --model sam=models/sam/best.pt \
         --model unet=models/unet/best.pt [--split real/Te-1 ...] [--root data] [--slices 16]
 
+`--temperature NAME=T` predicts that model at temperature T (after `xctsam calibrate`).
 `--slices N` scores the first N slices of each volume (time and intervals say how many); the
 tri-planar pass predicts every slice (its y and x passes need them) and scores the same N.
 Prints a table and writes --json.
@@ -44,6 +45,8 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("data"))
     parser.add_argument("--slices", type=int, default=None, help="first N slices of each volume")
     parser.add_argument("--json", type=Path, default=Path("tta_calibration.json"))
+    parser.add_argument("--variant", action="append", choices=list(VARIANTS), help="only these (default all)")
+    parser.add_argument("--temperature", action="append", default=[], help="NAME=T: that model's predict.temperature (`xctsam calibrate`)")
     args = parser.parse_args()
     params = load_params()
     splits = eval_split_dirs(args.split or params.eval.splits, args.root)
@@ -51,8 +54,9 @@ def main() -> None:
     for item in args.model:
         name, _, path = item.partition("=")
         model, window, _ = load_model(path)
-        for variant, update in VARIANTS.items():
-            config = params.predict.model_copy(update=update)
+        temperature = float(dict(item.split("=", 1) for item in args.temperature).get(name, params.predict.temperature))
+        for variant in args.variant or list(VARIANTS):
+            config = params.predict.model_copy(update={**VARIANTS[variant], "temperature": temperature})
             for split, folder in splits.items():
                 counts, calibration, seconds, slices = SplitCounts(), CalibrationCounts(len(CLASS_NAMES)), [], 0
                 for index, volume_path in enumerate(labelled_volumes(folder)):
@@ -68,7 +72,7 @@ def main() -> None:
                             slices += 1
                         seconds.append((time.perf_counter() - start) / predicted)
                 summary = counts.summary_with_intervals(params.eval.bootstrap, params.seed)
-                row = {"model": name, "variant": variant, "split": split, "slices": slices, "s_per_slice": statistics.median(seconds),
+                row = {"model": name, "variant": variant, "temperature": temperature, "split": split, "slices": slices, "s_per_slice": statistics.median(seconds),
                        "iou": summary["iou"], "iou_ci": summary["iou_ci"], "ece": {cls: calibration.error(i) for i, cls in enumerate(CLASS_NAMES)}}
                 rows.append(row)
                 print(_line(row), flush=True)
@@ -82,7 +86,7 @@ def _line(row: dict) -> str:
         return f"{cls} {iou:.3f} [{low:.3f}, {high:.3f}] ece {row['ece'][cls]:.4f}"
 
     classes = " | ".join(cell(cls) for cls in ("material", "pore", "inclusion"))
-    return f"{row['model']:5} {row['variant']:10} {row['split']:10} {row['slices']:3} slices {row['s_per_slice']:.2f} s/slice | {classes}"
+    return f"{row['model']:5} {row['variant']:10} T={row['temperature']:.3g} {row['split']:10} {row['slices']:3} slices {row['s_per_slice']:.2f} s/slice | {classes}"
 
 
 if __name__ == "__main__":

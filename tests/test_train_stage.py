@@ -98,6 +98,17 @@ def test_a_training_registers_its_model_and_records_its_data(project: Path) -> N
     np.testing.assert_array_equal(tifffile.imread(project / "latest.tif"), tifffile.imread(project / "file.tif"))
 
 
+def test_calibrate_fits_a_temperature_on_the_validation_slices(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "unet"]) == 0
+    capsys.readouterr()
+    assert main(["calibrate", "--model", "models/unet/best.pt", "--out", "metrics/calibration.json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((project / "metrics" / "calibration.json").read_text())
+    assert 0.05 <= printed["temperature"] <= 20 and printed["pixels"] > 0
+    assert printed["nll_after"] <= printed["nll_before"] + 1e-9  # the fit never worsens its own objective
+    assert set(printed["ece_before"]) == set(printed["ece_after"]) == {"background", "material", "pore", "inclusion"}
+
+
 def test_an_unknown_registered_model_is_one_line(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["predict", "data/real/Te-1/v0.h5", "--model", "models:/xctsam-nothing/3", "--out", "x.tif"]) == 2
     err = capsys.readouterr().err.strip()

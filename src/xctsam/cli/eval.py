@@ -59,8 +59,8 @@ def predict(
     target = out if out is not None else Path("prediction.h5" if len(scans) == 1 else "predictions")
     jobs = shard_jobs(plan_jobs(scans, target, fmt, input_format), share)
     segmenter, window, meta = load_model(model)
-    if segmenter.fixed_tile is not None:  # an exported model takes the tile it was exported for
-        config = config.model_copy(update={"tile": segmenter.fixed_tile})
+    if segmenter.fixed_tile is not None:  # an exported graph: its tile, its temperature built in
+        config = config.model_copy(update={"tile": segmenter.fixed_tile, "temperature": 1.0})
     result = predict_campaign(segmenter, window, jobs, config, input_format=input_format, dataset=dataset, out_format=fmt, attrs={"model": str(model), "model_kind": meta["kind"]}, uncertainty=uncertainty, defects=loaded.defects if report else None, voxel_size=voxel_size)
     for path in result.written:
         print(path)
@@ -82,7 +82,33 @@ def export(
     if out.exists():
         raise typer.BadParameter(f"{out} exists; choose another name or delete it", param_hint="--out")
     segmenter, window, meta = load_model(model)
-    print(export_onnx(segmenter, window, meta, out, tile or load_params(params).predict.tile))
+    predict_config = load_params(params).predict
+    print(export_onnx(segmenter, window, meta, out, tile or predict_config.tile, predict_config.temperature))
+
+
+@app.command("calibrate")
+def calibrate(
+    model: Annotated[str, typer.Option(help="Trained model: a best.pt or models:/xctsam-<model>/<version>.")] = "models/sam/best.pt",
+    root: DataRootOption = Path("data"),
+    out: Annotated[Path | None, typer.Option(help="Also write the fit as JSON here.")] = None,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Fit a temperature on the model's held-out validation slices (train.<model>.val_volumes):
+    prints it with the calibration error per class before and after; set predict.temperature to use it."""
+    import json
+
+    from xctsam.config.params import load_params
+    from xctsam.models.registry import load_model
+    from xctsam.train.calibration import calibrate as fit
+    from xctsam.util.jsonfile import write_json
+
+    segmenter, window, meta = load_model(model)
+    if segmenter.fixed_tile is not None:
+        raise typer.BadParameter("an exported graph ends in probabilities; calibrate its checkpoint", param_hint="--model")
+    result = fit(segmenter, window, meta["kind"], load_params(params), root)
+    if out is not None:
+        write_json(out, result)
+    print(json.dumps(result, indent=1))
 
 
 # ---------------------------------------------------------------- eval

@@ -22,6 +22,9 @@ class PredictConfig(StrictModel):
     # probabilities of all three passes averaged (3x the time; the normalised volume and the
     # summed probabilities, 20 bytes a voxel, are held in temporary files, not in memory)
     planes: list[Literal["z", "y", "x"]] = ["z"]
+    # logits divided by this before the model's probabilities (temperature scaling; `xctsam
+    # calibrate` fits it on validation slices); 1 = as trained, labels by argmax unchanged
+    temperature: PositiveFloat = 1.0
 
     @field_validator("planes")
     @classmethod

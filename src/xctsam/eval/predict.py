@@ -174,21 +174,23 @@ def _autocast(device: torch.device) -> AbstractContextManager[Any]:
 TTA_VIEWS: dict[str, tuple[tuple[int, ...], ...]] = {"none": ((),), "flips": ((), (3,), (2,), (2, 3))}
 
 
-def _probabilities(model: Segmenter, inputs: torch.Tensor, views: tuple[tuple[int, ...], ...]) -> torch.Tensor:
-    """Class probabilities of a tile batch, averaged over the mirrored views (each mirrored back)."""
+def _probabilities(model: Segmenter, inputs: torch.Tensor, views: tuple[tuple[int, ...], ...], temperature: float = 1.0) -> torch.Tensor:
+    """Class probabilities of a tile batch at `temperature`, averaged over the mirrored views
+    (each mirrored back)."""
     total = None
     for dims in views:
         seen = inputs.flip(dims) if dims else inputs
-        probabilities = model.probabilities(model(seen)).float()
+        outputs = model(seen)
+        probabilities = model.probabilities(outputs if temperature == 1.0 else outputs.float() / temperature).float()
         probabilities = probabilities.flip(dims) if dims else probabilities
         total = probabilities if total is None else total + probabilities
     return total / len(views)
 
 
-def _run_batch(model: Segmenter, jobs: list[_TileJob], importance: np.ndarray, device: torch.device, tta: str) -> None:
+def _run_batch(model: Segmenter, jobs: list[_TileJob], importance: np.ndarray, device: torch.device, config: PredictConfig) -> None:
     inputs = torch.from_numpy(np.stack([job.inputs for job in jobs])).to(device)
     with torch.no_grad(), _autocast(device):
-        probabilities = _probabilities(model, inputs, TTA_VIEWS[tta])
+        probabilities = _probabilities(model, inputs, TTA_VIEWS[config.tta], config.temperature)
     probabilities = probabilities.float().cpu().numpy()
     for job, tile_probabilities in zip(jobs, probabilities, strict=True):
         job.blend.add(job.y, job.x, tile_probabilities, importance)
@@ -335,11 +337,11 @@ def _predict_stacks(model: Segmenter, stacks: Iterable[tuple[int, np.ndarray]], 
             for x in xs:
                 jobs.append(_TileJob(blend, y, x, padded[:, y : y + config.tile, x : x + config.tile]))
                 if len(jobs) == config.batch:
-                    _run_batch(model, jobs, importance, device, config.tta)
+                    _run_batch(model, jobs, importance, device, config)
                     jobs = []
                     yield from _finished(model, pending, device)
     if jobs:
-        _run_batch(model, jobs, importance, device, config.tta)
+        _run_batch(model, jobs, importance, device, config)
     yield from _finished(model, pending, device)
 
 

@@ -4,7 +4,7 @@ The graph maps a batch of normalised tiles (B, context, tile, tile) in [0, 1] to
 (probabilities (B, 4, tile, tile), labels (B, tile, tile)); the batch is dynamic, the tile fixed
 (SAM's encoder resizes to its own input size either way). The ONNX file's metadata says what a
 user needs around it: `xctsam.window` (the grey window to normalise with, JSON), `xctsam.context`,
-`xctsam.tile`, `xctsam.labelling` (how overlapping tiles' blended probabilities become labels:
+`xctsam.tile`, `xctsam.temperature` (the calibration built into the graph), `xctsam.labelling` (how overlapping tiles' blended probabilities become labels:
 argmax, or painting for one binary model per class) and `xctsam.meta` (the checkpoint's).
 
 Written with torch's dynamo exporter (torch.export, then onnxscript). Conv-LoRA is not merged
@@ -39,28 +39,31 @@ PREFIX = "xctsam."
 class _Exported(nn.Module):
     """forward + probabilities + labels of one model, the graph the ONNX file holds."""
 
-    def __init__(self, model: Segmenter) -> None:
+    def __init__(self, model: Segmenter, temperature: float) -> None:
         super().__init__()
         self.model = model
+        self.temperature = temperature
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probabilities = self.model.probabilities(self.model(images))
+        outputs = self.model(images)
+        probabilities = self.model.probabilities(outputs if self.temperature == 1.0 else outputs / self.temperature)
         return probabilities, self.model.to_labels(probabilities)
 
 
-def export_onnx(model: Segmenter, window: IntensityWindow, meta: dict[str, Any], out: Path, tile: int) -> Path:
-    """Write `model` as ONNX to `out` (atomically), with the metadata described above."""
+def export_onnx(model: Segmenter, window: IntensityWindow, meta: dict[str, Any], out: Path, tile: int, temperature: float = 1.0) -> Path:
+    """Write `model` as ONNX to `out` (atomically), with the metadata described above; its logits
+    are divided by `temperature` (predict.temperature) inside the graph."""
     import onnx
 
     model = model.cpu().eval()
     example = torch.rand(2, int(model.context), tile, tile, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         program = torch.onnx.export(
-            _Exported(model), (example,), dynamo=True, input_names=["images"], output_names=["probabilities", "labels"],
+            _Exported(model, temperature), (example,), dynamo=True, input_names=["images"], output_names=["probabilities", "labels"],
             dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, verbose=False,
         )
     proto = program.model_proto
-    facts = {"window": json.dumps(window.to_dict()), "context": str(model.context), "tile": str(tile), "labelling": model.labelling, "meta": json.dumps(meta, default=str)}
+    facts = {"window": json.dumps(window.to_dict()), "context": str(model.context), "tile": str(tile), "labelling": model.labelling, "temperature": str(temperature), "meta": json.dumps(meta, default=str)}
     for key, value in facts.items():
         proto.metadata_props.add(key=PREFIX + key, value=value)
     with atomic_path(Path(out)) as tmp:
