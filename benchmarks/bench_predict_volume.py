@@ -68,6 +68,8 @@ def save_model(kind: str, path: Path) -> None:
     params = load_params()
     torch.manual_seed(0)
     section = getattr(params, kind)
+    if kind == "sam":  # random weights of the configured architecture: no foundation file needed
+        section = section.model_copy(update={"checkpoint": None})
     model = build_segmenter(kind, section, getattr(params.train, kind))
     save_segmenter_checkpoint(path, model, model_meta(kind, section, getattr(params.train, kind), IntensityWindow(0.0, 65535.0)), {"step": 0})
 
