@@ -37,6 +37,7 @@ from xctsam.eval.part_report import part_defects, write_part_report
 from xctsam.eval.predict import (
     SlicePrediction,
     SliceTransform,
+    batch_probabilities,
     check_prediction_memory,
     predict_volume,
     tile_starts,
@@ -143,7 +144,8 @@ def tiles_per_slice(shape: tuple[int, int, int], config: PredictConfig) -> int:
 
 
 def seconds_per_tile(model: Segmenter, config: PredictConfig, device: torch.device) -> float:
-    """Time of one batch of tiles (the second of two: the first pays one-off set-up) per tile."""
+    """Time of one batch of tiles as prediction runs it (TTA views and temperature included; the
+    second of two: the first pays one-off set-up) per tile."""
     inputs = torch.zeros(config.batch, int(model.context), config.tile, config.tile, device=device)
     was_training = model.training
     model.to(device).eval()
@@ -151,7 +153,7 @@ def seconds_per_tile(model: Segmenter, config: PredictConfig, device: torch.devi
         with torch.no_grad():
             for _ in range(2):
                 start = time.perf_counter()
-                model.probabilities(model(inputs))
+                batch_probabilities(model, inputs, config)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
         return (time.perf_counter() - start) / config.batch
@@ -160,11 +162,12 @@ def seconds_per_tile(model: Segmenter, config: PredictConfig, device: torch.devi
 
 
 def estimate(model: Segmenter, shape: tuple[int, int, int], config: PredictConfig, per_tile: float) -> Estimate:
-    """Working memory (slice buffers, weights, one batch in and out) and predicted time."""
+    """Working memory (slice buffers, weights, one batch in and out) and predicted time (each
+    tri-planar pass counted as one more z pass: a rough figure, its planes differ in shape)."""
     weights = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
     batch = config.batch * (int(model.context) + NUM_CLASSES) * config.tile**2 * 4
     tiles = tiles_per_slice(shape, config)
-    return Estimate(working_memory(shape, int(model.context), config.tile) + weights + batch, per_tile * tiles * shape[0], tiles)
+    return Estimate(working_memory(shape, int(model.context), config.tile) + weights + batch, per_tile * tiles * shape[0] * len(config.planes), tiles)
 
 
 def describe(source: Path, shape: tuple[int, int, int], dtype: np.dtype, found: Estimate) -> str:
@@ -200,8 +203,7 @@ def predict_file(
     with Scan(source_path, input_format, dataset) as source:
         check_scan(model, source, out, config)
         predictions = predict_volume(model, source, window, config, device, transform=transform, progress=progress)
-        side = uncertainty_path(out) if uncertainty else None
-        return write_prediction(predictions, out, source, out_format, provenance(source, window, config, attrs), side)
+        return write_scan(predictions, source, window, config, out, out_format, attrs, uncertainty)
 
 
 def check_scan(model: Segmenter, source: Scan, out: Path, config: PredictConfig) -> None:
@@ -211,8 +213,13 @@ def check_scan(model: Segmenter, source: Scan, out: Path, config: PredictConfig)
     check_prediction_memory(source, int(model.context), config.tile)
 
 
-def provenance(source: Scan, window: IntensityWindow, config: PredictConfig, attrs: Mapping[str, Any] | None) -> dict[str, Any]:
-    return {"source": str(source.path), "window": window.to_dict(), "predict": config.model_dump(), **dict(attrs or {})}
+def write_scan(
+    predictions: Iterator[SlicePrediction], source: Scan, window: IntensityWindow, config: PredictConfig, out: Path,
+    out_format: OutputFormat | None, attrs: Mapping[str, Any] | None, uncertainty: bool,
+) -> Path:
+    """A scan's streamed predictions to `out` with their provenance (and the uncertainty map)."""
+    provenance = {"source": str(source.path), "window": window.to_dict(), "predict": config.model_dump(), **dict(attrs or {})}
+    return write_prediction(predictions, out, source, out_format, provenance, uncertainty_path(out) if uncertainty else None)
 
 
 def report_part(out: Path, defects: DefectsConfig, voxel_size: float | None = None) -> list[Path]:
@@ -269,8 +276,7 @@ def predict_campaign(
                 check_scan(model, source, job.out, config)
                 bars.note(describe(job.source, source.shape, source.dtype, estimate(model, source.shape, config, per_tile)))
                 predictions = bars.counted(predict_volume(model, source, window, config, device, progress=False), job.source.name, source.n_slices)
-                side = uncertainty_path(job.out) if uncertainty else None
-                write_prediction(predictions, job.out, source, out_format, provenance(source, window, config, attrs), side)
+                write_scan(predictions, source, window, config, job.out, out_format, attrs, uncertainty)
             if defects is not None:
                 report_part(job.out, defects, voxel_size)
             written.append(job.out)

@@ -174,9 +174,10 @@ def _autocast(device: torch.device) -> AbstractContextManager[Any]:
 TTA_VIEWS: dict[str, tuple[tuple[int, ...], ...]] = {"none": ((),), "flips": ((), (3,), (2,), (2, 3))}
 
 
-def _probabilities(model: Segmenter, inputs: torch.Tensor, views: tuple[tuple[int, ...], ...], temperature: float = 1.0) -> torch.Tensor:
-    """Class probabilities of a tile batch at `temperature`, averaged over the mirrored views
-    (each mirrored back)."""
+def batch_probabilities(model: Segmenter, inputs: torch.Tensor, config: PredictConfig) -> torch.Tensor:
+    """Class probabilities of a tile batch as prediction computes them: at `config.temperature`,
+    averaged over the `config.tta` views (each mirrored back)."""
+    views, temperature = TTA_VIEWS[config.tta], config.temperature
     total = None
     for dims in views:
         seen = inputs.flip(dims) if dims else inputs
@@ -190,7 +191,7 @@ def _probabilities(model: Segmenter, inputs: torch.Tensor, views: tuple[tuple[in
 def _run_batch(model: Segmenter, jobs: list[_TileJob], importance: np.ndarray, device: torch.device, config: PredictConfig) -> None:
     inputs = torch.from_numpy(np.stack([job.inputs for job in jobs])).to(device)
     with torch.no_grad(), _autocast(device):
-        probabilities = _probabilities(model, inputs, TTA_VIEWS[config.tta], config.temperature)
+        probabilities = batch_probabilities(model, inputs, config)
     probabilities = probabilities.float().cpu().numpy()
     for job, tile_probabilities in zip(jobs, probabilities, strict=True):
         job.blend.add(job.y, job.x, tile_probabilities, importance)

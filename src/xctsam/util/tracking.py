@@ -158,9 +158,8 @@ def data_hashes(lock: Path) -> dict[str, str]:
     }
 
 
-def dvc_hash(folder: Path, lock: Path) -> str | None:
-    """The hash dvc.lock records for `folder` or the output folder holding it, or None."""
-    hashes = data_hashes(lock)
+def dvc_hash(folder: Path, hashes: Mapping[str, str]) -> str | None:
+    """The hash `hashes` (data_hashes of dvc.lock) record for `folder` or the output folder holding it, or None."""
     relative = Path(os.path.relpath(Path(folder).resolve(), project_root())).as_posix()
     for path, digest in sorted(hashes.items(), key=lambda item: -len(item[0])):
         out = path.removeprefix("data.")
@@ -180,9 +179,9 @@ def log_data_inputs(folders: Mapping[str, Path], context: str, contents: Mapping
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource
 
-    lock = outside_dvc_temp(project_root()) / "dvc.lock"
+    hashes = data_hashes(outside_dvc_temp(project_root()) / "dvc.lock")  # read once for every folder
     for name, folder in folders.items():
-        digest = dvc_hash(folder, lock) or hashlib.sha256(json.dumps(contents.get(name), sort_keys=True, default=str).encode()).hexdigest()
+        digest = dvc_hash(folder, hashes) or hashlib.sha256(json.dumps(contents.get(name), sort_keys=True, default=str).encode()).hexdigest()
         dataset = MetaDataset(LocalArtifactDatasetSource(str(Path(folder).resolve())), name=name, digest=digest[:32])
         mlflow.log_input(dataset, context=context)
 
