@@ -1,13 +1,15 @@
 """Write-then-rename helpers: a failure leaves nothing half-made under the final name.
 
 They also turn the write failures a user can fix into one-line `InputError`s: a file where a
-folder must be (`--out somefile/x.h5`), a full disk (ENOSPC) or a file size limit (EFBIG).
+folder must be (`--out somefile/x.h5`), a full disk (ENOSPC, or the short write numpy reports
+for it) or a file size limit (EFBIG).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -27,15 +29,31 @@ class DiskFullError(InputError):
         super().__init__(path, problem, _DISK_FULL_REMEDY)
 
 
+# numpy's `tofile` (tifffile writes image data with it) reports a short write without an errno;
+# a file system stops a write short when it is out of space (or quota, or file size limit)
+_SHORT_WRITE = re.compile(r"^(\d+) requested and (\d+) written$")
+
+
+def _disk_full_problem(exc: OSError) -> str | None:
+    """What a write failure for want of space says to the user; None for any other failure."""
+    if exc.errno in _DISK_FULL:
+        return os.strerror(exc.errno).lower()
+    short = _SHORT_WRITE.match(str(exc)) if exc.errno is None else None
+    if short is not None:
+        return f"no space left on device ({short[2]} of {short[1]} bytes written)"
+    return None
+
+
 @contextmanager
 def _disk_full_names(final: Path) -> Iterator[None]:
     """Turn an OSError for want of space inside the block into a DiskFullError naming `final`."""
     try:
         yield
     except OSError as exc:
-        if exc.errno not in _DISK_FULL:
+        problem = _disk_full_problem(exc)
+        if problem is None:
             raise
-        raise DiskFullError(final, os.strerror(exc.errno).lower()) from None
+        raise DiskFullError(final, problem) from None
 
 
 def ensure_folder(folder: Path) -> None:
