@@ -90,7 +90,7 @@ def export(
 def calibrate(
     model: Annotated[str, typer.Option(help="Trained model: a best.pt or models:/xctsam-<model>/<version>.")] = "models/sam/best.pt",
     root: DataRootOption = Path("data"),
-    out: Annotated[Path | None, typer.Option(help="Also write the fit as JSON here.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Also write the fit as JSON here (a new file: an existing one is refused).")] = None,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Fit a temperature on the model's held-out validation slices (train.<model>.val_volumes):
@@ -100,13 +100,17 @@ def calibrate(
     from xctsam.config.params import load_params
     from xctsam.models.registry import load_model
     from xctsam.train.calibration import calibrate as fit
+    from xctsam.util.atomic import refuse_existing
     from xctsam.util.jsonfile import write_json
 
+    if out is not None:  # before the fit; never onto a file, the model calibrated least of all
+        refuse_existing(out, "--out")
     segmenter, window, meta = load_model(model)
     if segmenter.fixed_tile is not None:
         raise typer.BadParameter("an exported graph ends in probabilities; calibrate its checkpoint", param_hint="--model")
     result = fit(segmenter, window, meta["kind"], load_params(params), root)
     if out is not None:
+        refuse_existing(out, "--out")  # again: the fit takes a while, another run may have written it
         write_json(out, result)
     print(json.dumps(result, indent=1))
 

@@ -157,6 +157,14 @@ def _moved(path: Path, tmp: Path, final: Path) -> Path:
         return Path(path)
 
 
+def refuse_existing(path: Path, option: str) -> None:
+    """Refuse to write a new file where one exists (or a link, even a broken one): one line,
+    naming it, before any work."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        raise InputError(path, "exists", f"choose another {option}, or move or delete it")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
