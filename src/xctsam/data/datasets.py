@@ -10,7 +10,8 @@ at 23 / 39) then reaches the model at the grey levels it was trained on.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -25,6 +26,28 @@ from xctsam.util.errors import InputError
 
 if TYPE_CHECKING:
     from xctsam.data.scans import GreySource
+
+
+class InvalidWindow(ValueError):
+    """A stored intensity window that cannot normalise anything; its loader names the file."""
+
+
+def _finite_number(value: Any, name: str) -> float:
+    # bool is an int to Python, but a window of True/False is a broken file, not a grey value
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidWindow(f"has {name} {value!r}, not a finite number")
+    return float(value)
+
+
+def _peaks(stored: Any) -> tuple[float, float] | None:
+    if stored is None:
+        return None
+    if not isinstance(stored, list | tuple) or len(stored) != 2:
+        raise InvalidWindow(f"has peaks {stored!r}, not two numbers (background, material)")
+    background, material = _finite_number(stored[0], "peaks[0]"), _finite_number(stored[1], "peaks[1]")
+    if not background < material:
+        raise InvalidWindow(f"has peaks {stored!r}: the background level must be below the material level")
+    return background, material
 
 
 @dataclass(frozen=True)
@@ -185,6 +208,25 @@ class IntensityWindow:
     def to_dict(self) -> dict[str, Any]:
         # without peaks, the two keys windows have always had (models' meta, cache keys)
         return asdict(self) if self.peaks is not None else {"low": self.low, "high": self.high}
+
+    @classmethod
+    def from_dict(cls, stored: Any) -> IntensityWindow:
+        """The window `to_dict` wrote, read back from a file (a model's meta, an ONNX export).
+
+        Refused with InvalidWindow (saying what is wrong) unless it is a mapping of finite
+        numbers `low` < `high`, plus optional `peaks` (background < material): a NaN or
+        zero-width window normalises every voxel to one value, and the model then quietly
+        labels the whole scan background.
+        """
+        if not isinstance(stored, Mapping):
+            raise InvalidWindow(f"is a {type(stored).__name__}, not a mapping with low and high")
+        unknown = sorted(set(map(str, stored)) - {"low", "high", "peaks"})
+        if unknown or not {"low", "high"} <= set(stored):
+            raise InvalidWindow(f"has keys {sorted(map(str, stored))}, not low, high and optionally peaks")
+        low, high = _finite_number(stored["low"], "low"), _finite_number(stored["high"], "high")
+        if not low < high:
+            raise InvalidWindow(f"is [{low:g}, {high:g}]: low must be below high (a zero-width window maps every voxel to one value)")
+        return cls(low, high, _peaks(stored.get("peaks")))
 
     @classmethod
     def measure(

@@ -58,7 +58,11 @@ def _not_a_segmenter(saved: Any) -> str | None:
 
 
 def load_segmenter_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state_dict, meta) of a saved segmenter; meta["training"] holds step, val_miou, fingerprint."""
+    """(state_dict, meta) of a saved segmenter; meta["training"] holds step, val_miou, fingerprint.
+
+    Only the file's layout is checked here; what the meta and weights hold is checked where the
+    model is rebuilt (factory.rebuild_segmenter), for every source of weights alike.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such model checkpoint", SEGMENTER_REMEDY)

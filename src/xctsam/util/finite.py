@@ -3,6 +3,7 @@
 A non-finite loss poisons every weight at the next optimiser step, after which a loop would
 go on validating and could keep the NaN weights as its best epoch. Every training (segmenters,
 CycleGAN, pretraining) checks its step's losses here, so the message reads the same in all.
+Loaded weights are checked with the same test (non_finite_tensors).
 (NaN in params is refused where params are read: xctsam.util.safe_yaml.)
 """
 
@@ -34,13 +35,19 @@ def check_losses(job: str, step: int, losses: Mapping[str, float], hint: str) ->
     raise TrainingDiverged(f"{job}: {bad} is {losses[bad]:.4g} at step {step} ({_terms(others)}); {hint}")
 
 
+def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf, in order (trainings about to save
+    them, loaders of a trained model's weights)."""
+    return [name for name, tensor in tensors.items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
 def check_weights(job: str, step: int, module: torch.nn.Module, hint: str) -> None:
     """Raise TrainingDiverged when a floating-point parameter or buffer holds NaN or inf.
 
     Called before weights are kept as a checkpoint: an optimiser step can overflow the weights
     while its loss was still finite, and those must not become best.pt.
     """
-    broken = [name for name, tensor in module.state_dict().items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    broken = non_finite_tensors(module.state_dict())
     if broken:
         shown = ", ".join(broken[:3]) + (", ..." if len(broken) > 3 else "")
         raise TrainingDiverged(f"{job}: {len(broken)} weight tensors hold NaN or inf after step {step} ({shown}); {hint}")
