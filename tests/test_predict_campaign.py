@@ -235,10 +235,10 @@ def test_the_command_predicts_a_folder_campaign_shard_by_shard(tmp_path: Path, t
     args = ["predict", campaign, "--model", tiny_model.checkpoint, "--params", tiny_model.params, "--out", out]
     first = xctsam(*args, cwd=tmp_path, env={"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2"})
     assert first.returncode == 0, first.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["b.zarr"]  # task 1 of 2: the second scan only
+    assert sorted(p.name for p in out.iterdir()) == ["b.zarr", "b.zarr.xctsam.json"]  # task 1 of 2: the second scan only (and its record)
     second = xctsam(*args, "--shard", "0/2", cwd=tmp_path)
     assert second.returncode == 0, second.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["a.tif", "b.zarr", "c.tif"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".xctsam.json")) == ["a.tif", "b.zarr", "c.tif"]
     assert second.stdout.split() == [str(out / "a.tif"), str(out / "c.tif")]
     with tifffile.TiffFile(out / "a.tif") as tif:
         assert tif.is_imagej and json.loads(tif.imagej_metadata["Info"])["model_kind"] == "unet"

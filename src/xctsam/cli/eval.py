@@ -57,7 +57,7 @@ def predict(
     config = loaded.predict
     scans = scan_inputs(sources)
     target = out if out is not None else Path("prediction.h5" if len(scans) == 1 else "predictions")
-    jobs = shard_jobs(plan_jobs(scans, target, fmt, input_format), share)
+    jobs = shard_jobs(plan_jobs(scans, target, fmt, input_format, uncertainty=uncertainty, report=report), share)
     segmenter, window, meta = load_model(model)
     if segmenter.fixed_tile is not None:  # an exported graph: its tile, its temperature built in
         config = config.model_copy(update={"tile": segmenter.fixed_tile, "temperature": 1.0})

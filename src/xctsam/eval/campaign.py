@@ -5,11 +5,15 @@
 - Outputs (`plan_jobs`): one named file (`--out x.tif`), or a folder with one output per scan,
   `<out>/<scan name><suffix>`, the suffix from `--out-format` or, by default, the input's
   family (TIFF in, TIFF out; zarr in, OME-Zarr out; HDF5 or NPY in, a project volume out).
-- Sharding (`shard_from_env`): `--shard i/n`, else a SLURM job array's task index and count,
-  else torchrun's RANK / WORLD_SIZE; scan k goes to shard k mod n, so every task of an array
-  job, given the same inputs, takes a disjoint share and together they cover them all.
-- Reruns: an output that exists is kept and its scan skipped (outputs are written atomically,
-  so an existing one is complete); an interrupt loses only the scan in progress.
+  Side files (uncertainty map, defect report, the record of `eval.finished`) are planned with
+  them: two scans whose files would share a name are refused before any work.
+- Sharding (`shard_from_env`): `--shard i/n`, else a SLURM job array task's position among the
+  array's tasks, else torchrun's RANK / WORLD_SIZE; scan k goes to shard k mod n, so every task
+  of an array job, given the same inputs, takes a disjoint share and together they cover them all.
+- Reruns (`eval.finished`): an output its record names as finished is kept and its scan skipped,
+  its missing side files written again (a report from the output, a map by predicting again);
+  any other file where the campaign would write is the user's: refused before any work, never
+  replaced. An interrupt or a full disk loses only the scan in progress.
 - Before the first scan: the memory a slice needs and a time estimate from one timed batch.
 - `uncertainty`: each output's entropy map beside it; params `predict.tta` mirrors every tile.
 - `defects`: each part's defect report beside its output (`report_part`, eval.part_report):
@@ -33,7 +37,8 @@ from xctsam.config.eval import PredictConfig
 from xctsam.data.datasets import IntensityWindow
 from xctsam.data.scans import Scan, scan_format
 from xctsam.data.volumes import IMAGE
-from xctsam.eval.part_report import part_defects, write_part_report
+from xctsam.eval.finished import Record, record_path
+from xctsam.eval.part_report import part_defects, report_paths, write_part_report
 from xctsam.eval.predict import (
     SlicePrediction,
     SliceTransform,
@@ -51,10 +56,11 @@ from xctsam.eval.writers import (
     refuse_overwriting,
     uncertainty_path,
     write_prediction,
+    write_uncertainty,
 )
 from xctsam.models.base import Segmenter
 from xctsam.util.device import pick_device
-from xctsam.util.errors import InputError
+from xctsam.util.errors import InputError, XctsamError
 from xctsam.util.progress import console, enabled, progress_bar
 
 OUTPUT_BY_INPUT: dict[str, OutputFormat] = {"tiff": "tiff", "tiff-dir": "tiff", "zarr": "zarr", "hdf5": "hdf5", "npy": "hdf5"}
@@ -84,9 +90,12 @@ def _is_output_file(out: Path) -> bool:
     return out.suffix.lower() in FORMATS_BY_SUFFIX and not (out.is_dir() and out.suffix.lower() != ".zarr")
 
 
-def plan_jobs(sources: Sequence[Path], out: Path, out_format: OutputFormat | None, input_format: str | None = None) -> list[Job]:
+def plan_jobs(
+    sources: Sequence[Path], out: Path, out_format: OutputFormat | None, input_format: str | None = None, *,
+    uncertainty: bool = False, report: bool = False,
+) -> list[Job]:
     """(scan, output) pairs: `out` itself for one scan and a file name, else one file per scan
-    in the folder `out`; two scans that would share an output are refused."""
+    in the folder `out`; two scans that would share an output or a side file are refused."""
     if _is_output_file(out):
         if len(sources) != 1:
             raise InputError(out, f"is one output file for {len(sources)} scans", "give a folder as --out (one output per scan)")
@@ -95,12 +104,31 @@ def plan_jobs(sources: Sequence[Path], out: Path, out_format: OutputFormat | Non
     for source in sources:
         fmt = out_format or OUTPUT_BY_INPUT[input_format or scan_format(source)]
         jobs.append(Job(source, out / f"{scan_stem(source)}{SUFFIX_OF[fmt]}"))
+    refuse_shared(jobs, uncertainty, report)
+    return jobs
+
+
+def side_groups(out: Path, uncertainty: bool, report: bool) -> list[list[Path]]:
+    """The files written beside output `out`, by what writes them together: its uncertainty
+    map; its defect report (CSV, JSON, PNG)."""
+    maps = [[uncertainty_path(out)]] if uncertainty else []
+    return maps + ([report_paths(Path(out).parent, scan_stem(Path(out)))] if report else [])
+
+
+def side_files(out: Path, uncertainty: bool, report: bool) -> list[Path]:
+    return [path for group in side_groups(out, uncertainty, report) for path in group]
+
+
+def refuse_shared(jobs: Sequence[Job], uncertainty: bool, report: bool) -> None:
+    """Refuse two scans that would write one file: an output, a side file or a record (part.npy
+    and part.tif make part.h5 and part.tif, but one part.defects.csv). Checked over all scans,
+    before sharding, so the tasks of an array job never race for a file."""
     seen: dict[Path, Path] = {}
     for job in jobs:
-        if job.out in seen:
-            raise InputError(job.source, f"and {seen[job.out]} would both be written to {job.out}", "rename one, or predict them into different folders")
-        seen[job.out] = job.source
-    return jobs
+        for path in (job.out, record_path(job.out), *side_files(job.out, uncertainty, report)):
+            if path in seen and seen[path] != job.source:
+                raise InputError(job.source, f"and {seen[path]} would both be written to {path}", "rename one, or predict them into different folders")
+            seen[path] = job.source
 
 
 def parse_shard(text: str) -> Shard:
@@ -115,16 +143,52 @@ def parse_shard(text: str) -> Shard:
     return shard
 
 
+SLURM_ARRAY = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_STEP", "SLURM_ARRAY_TASK_COUNT")
+
+
 def shard_from_env(env: Mapping[str, str] | None = None) -> Shard:
-    """This process's share: a SLURM array task (index relative to the array's first task),
-    else a torchrun rank, else everything."""
+    """This process's share: a SLURM array task (`slurm_shard`), else a torchrun rank, else
+    everything. Variables that give no share are one line (XctsamError) naming them."""
     env = os.environ if env is None else env
     if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        return parse_shard(f"{int(env['SLURM_ARRAY_TASK_ID']) - first}/{int(env['SLURM_ARRAY_TASK_COUNT'])}")
+        return slurm_shard(env)
     if "RANK" in env and "WORLD_SIZE" in env:
-        return parse_shard(f"{int(env['RANK'])}/{int(env['WORLD_SIZE'])}")
+        rank, world = _ints(env, ("RANK", "WORLD_SIZE"), "torchrun rank")
+        if not 0 <= rank < world:
+            raise _env_error(env, ("RANK", "WORLD_SIZE"), "torchrun rank", "is not a rank of the world size")
+        return Shard(rank, world)
     return Shard(0, 1)
+
+
+def slurm_shard(env: Mapping[str, str]) -> Shard:
+    """A SLURM array task's position among the array's tasks and their count.
+
+    SLURM names the array by its first and last index and a step (`0-30:10`: MIN 0, MAX 30,
+    STEP 10, COUNT 4); the position is (ID - MIN) / STEP when those describe COUNT evenly spaced
+    tasks. A list with gaps (`1,2,5`) is not so described and no variable lists its indices, so
+    the task's position is unknown: refused, asking for `--shard i/n`.
+    """
+    task, count = _ints(env, ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"), "SLURM array task")
+    first, step = _ints({"SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "1", **env}, ("SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP"), "SLURM array task")
+    last = first + step * (count - 1)
+    if "SLURM_ARRAY_TASK_MAX" in env:
+        (last,) = _ints(env, ("SLURM_ARRAY_TASK_MAX",), "SLURM array task")
+    index, offset = divmod(task - first, step) if step > 0 else (-1, 0)
+    if count < 1 or offset or not 0 <= index < count or last != first + step * (count - 1):
+        raise _env_error(env, SLURM_ARRAY, f"SLURM array task {task}", "is not one of evenly spaced tasks (an --array list with gaps?), so its share of the scans is unknown")
+    return Shard(index, count)
+
+
+def _ints(env: Mapping[str, str], names: Sequence[str], what: str) -> list[int]:
+    try:
+        return [int(env[name]) for name in names]
+    except ValueError:
+        raise _env_error(env, names, what, "is not a whole number") from None
+
+
+def _env_error(env: Mapping[str, str], names: Sequence[str], what: str, problem: str) -> XctsamError:
+    shown = ", ".join(f"{name}={env[name]}" for name in names if name in env)
+    return XctsamError(f"{what}: {problem} ({shown}); pass --shard i/n (this task's position i among the n tasks, from 0)")
 
 
 def shard_jobs(jobs: Sequence[Job], shard: Shard) -> list[Job]:
@@ -215,10 +279,13 @@ def check_scan(model: Segmenter, source: Scan, out: Path, config: PredictConfig)
 
 def write_scan(
     predictions: Iterator[SlicePrediction], source: Scan, window: IntensityWindow, config: PredictConfig, out: Path,
-    out_format: OutputFormat | None, attrs: Mapping[str, Any] | None, uncertainty: bool,
+    out_format: OutputFormat | None, attrs: Mapping[str, Any] | None, uncertainty: bool, *, labels: bool = True,
 ) -> Path:
-    """A scan's streamed predictions to `out` with their provenance (and the uncertainty map)."""
+    """A scan's streamed predictions to `out` with their provenance (and the uncertainty map);
+    without `labels`, the uncertainty map alone (beside an output kept from an earlier run)."""
     provenance = {"source": str(source.path), "window": window.to_dict(), "predict": config.model_dump(), **dict(attrs or {})}
+    if not labels:
+        return write_uncertainty(predictions, uncertainty_path(out), source, provenance)
     return write_prediction(predictions, out, source, out_format, provenance, uncertainty_path(out) if uncertainty else None)
 
 
@@ -231,13 +298,49 @@ def report_part(out: Path, defects: DefectsConfig, voxel_size: float | None = No
     return write_part_report(report, Path(out).parent, scan_stem(Path(out)))
 
 
-def report_path(out: Path) -> Path:
-    return Path(out).parent / f"{scan_stem(Path(out))}.defects.json"
-
-
 class CampaignResult(NamedTuple):
     written: list[Path]
-    kept: list[Path]  # outputs that already existed: their scans were skipped
+    kept: list[Path]  # outputs finished by an earlier run: their scans were skipped
+
+
+class ScanPlan(NamedTuple):
+    """What this run writes for one scan: its output and side files, or for an output finished
+    earlier (`kept`) only the side files it lacks."""
+
+    job: Job
+    record: Record
+    kept: bool
+    files: list[Path]
+
+    @property
+    def predicts(self) -> bool:
+        """Whether the model runs on the scan: for its output, or for a map a kept one lacks."""
+        return not self.kept or uncertainty_path(self.job.out) in self.files
+
+    @property
+    def reports(self) -> bool:
+        return bool(set(report_paths(self.job.out.parent, scan_stem(self.job.out))) & set(self.files))
+
+
+def plan_scan(job: Job, uncertainty: bool, report: bool) -> ScanPlan:
+    """A scan's plan; files in its way that are not the campaign's own are refused (before any
+    work: the campaign plans every scan first)."""
+    refuse_overwriting(job.out, job.source)  # an output onto its own scan is an error, not a finished job
+    record = Record.read(job.out)
+    sides = side_files(job.out, uncertainty, report)
+    record.refuse_foreign([job.out, *sides])
+    if record.finished():  # a report is written whole, its three files together
+        lacking = [group for group in side_groups(job.out, uncertainty, report) if not all(map(record.owns, group))]
+        return ScanPlan(job, record, True, [path for group in lacking for path in group])
+    return ScanPlan(job, record, False, [job.out, *sides])
+
+
+def _note_kept(plan: ScanPlan) -> None:
+    console.print(f"kept {plan.job.out} (finished; delete it to predict its scan again)")
+    if plan.files:
+        console.print(f"{plan.job.out}: writing what it lacks: {', '.join(path.name for path in plan.files)}")
+    for lost in sorted(set(plan.record.missing()) - set(plan.files)):
+        console.print(f"{plan.job.out}: {lost.name} is missing; --uncertainty / --report write it again")
 
 
 def predict_campaign(
@@ -255,33 +358,34 @@ def predict_campaign(
     defects: DefectsConfig | None = None,
     voxel_size: float | None = None,
 ) -> CampaignResult:
-    """Predict every job whose output does not exist yet, with a bar per scan and overall; with
-    `defects`, each part's defect report too (also for kept outputs that have none yet)."""
+    """Predict every scan whose output is not finished, with a bar per scan and overall; with
+    `uncertainty` / `defects`, each scan's map / defect report too (also for kept outputs that
+    lack them). Every scan is planned, and files in the way refused, before the first is read."""
     device = torch.device(device) if device is not None else pick_device()
-    for job in jobs:  # an output onto its own scan is an error, not a finished job to skip
-        refuse_overwriting(job.out, job.source)
-    todo = [job for job in jobs if not job.out.exists()]
-    kept = [job.out for job in jobs if job.out.exists()]
-    for out in kept:
-        console.print(f"kept {out} (exists; delete it to predict its scan again)")
-        if defects is not None and not report_path(out).exists():
-            report_part(out, defects, voxel_size)
-    if not todo:
-        return CampaignResult([], kept)
-    per_tile = seconds_per_tile(model, config, device)
-    written = []
-    with _Bars(len(todo)) as bars:
-        for job in todo:
-            with Scan(job.source, input_format, dataset) as source:
-                check_scan(model, source, job.out, config)
-                bars.note(describe(job.source, source.shape, source.dtype, estimate(model, source.shape, config, per_tile)))
-                predictions = bars.counted(predict_volume(model, source, window, config, device, progress=False), job.source.name, source.n_slices)
-                write_scan(predictions, source, window, config, job.out, out_format, attrs, uncertainty)
-            if defects is not None:
-                report_part(job.out, defects, voxel_size)
-            written.append(job.out)
-            bars.scan_done()
-    return CampaignResult(written, kept)
+    refuse_shared(jobs, uncertainty, defects is not None)
+    plans = [plan_scan(job, uncertainty, defects is not None) for job in jobs]
+    for plan in plans:
+        if plan.kept:
+            _note_kept(plan)
+    todo = [plan for plan in plans if plan.files]
+    predicting = [plan for plan in todo if plan.predicts]
+    per_tile = seconds_per_tile(model, config, device) if predicting else 0.0
+    with _Bars(len(predicting)) as bars:
+        for plan in todo:
+            if not plan.kept:
+                plan.record.discard()  # side files of a prediction that is gone
+            with plan.record.writing(plan.files):
+                if plan.predicts:
+                    with Scan(plan.job.source, input_format, dataset) as source:
+                        check_scan(model, source, plan.job.out, config)
+                        bars.note(describe(plan.job.source, source.shape, source.dtype, estimate(model, source.shape, config, per_tile)))
+                        predictions = bars.counted(predict_volume(model, source, window, config, device, progress=False), plan.job.source.name, source.n_slices)
+                        write_scan(predictions, source, window, config, plan.job.out, out_format, attrs, uncertainty, labels=not plan.kept)
+                if defects is not None and plan.reports:
+                    report_part(plan.job.out, defects, voxel_size)
+            if plan.predicts:
+                bars.scan_done()
+    return CampaignResult([plan.job.out for plan in todo if not plan.kept], [plan.job.out for plan in plans if plan.kept])
 
 
 class _Bars:

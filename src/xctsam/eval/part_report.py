@@ -360,15 +360,19 @@ def _write_png(report: PartReport, path: Path, name: str) -> None:
         figure.savefig(tmp, format="png", dpi=100)
 
 
+def report_paths(out_dir: Path, name: str) -> list[Path]:
+    """The files of part `name`'s report in `out_dir`: `<name>.defects.csv`, `.json`, `.png`."""
+    if not name or Path(name).name != name:
+        raise ValueError(f"name must be a plain file name stem, got {name!r}")
+    return [Path(out_dir) / f"{name}.defects.{ext}" for ext in ("csv", "json", "png")]
+
+
 def write_part_report(report: PartReport, out_dir: Path, name: str, *, largest: int = 20) -> list[Path]:
     """Write `<name>.defects.csv` (every defect, largest first), `.json` (the summary with the
     `largest` defects, NaN as null) and `.png` (the histograms) atomically; returns their paths."""
-    if not name or Path(name).name != name:
-        raise ValueError(f"name must be a plain file name stem, got {name!r}")
     if largest < 0:
         raise ValueError(f"largest must be >= 0, got {largest}")
-    out_dir = Path(out_dir)
-    paths = [out_dir / f"{name}.defects.{ext}" for ext in ("csv", "json", "png")]
+    paths = report_paths(out_dir, name)
     _write_csv(report, paths[0])
     write_json(paths[1], report.summary(largest))
     _write_png(report, paths[2], name)

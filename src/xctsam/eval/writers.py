@@ -8,7 +8,8 @@
   `labels/segmentation`, so napari (napari-ome-zarr) shows both, the labels as a layer.
 
 With `uncertainty`, each slice's normalised entropy (eval.uncertainty, x 255 as uint8) goes to
-`<name>.uncertainty.tif` beside the output, a multi-page TIFF, for every format alike.
+`<name>.uncertainty.tif` beside the output, a multi-page TIFF, for every format alike
+(`write_uncertainty` writes it alone, for an output that exists).
 
 Each writer pulls (z, labels) items in z order, slice by slice, so memory stays flat in depth,
 and publishes its output under the final name only once the last slice is in. An output that
@@ -106,6 +107,16 @@ def write_prediction(
         write = {"hdf5": _write_hdf5, "tiff": _write_tiff, "zarr": _write_zarr}[fmt]
         write(_in_order(predictions, source.n_slices), Path(out), source, safe)
     return Path(out)
+
+
+def write_uncertainty(predictions: Iterable[tuple[Any, ...]], path: Path, source: GreySource, attrs: Mapping[str, Any] | None = None) -> Path:
+    """Only the uncertainty map of streamed (z, labels, probabilities) items, atomically: for
+    an output kept from an earlier run that lacks it."""
+    refuse_overwriting(Path(path), source.path)
+    with _UncertaintyPages(Path(path), _json_safe(attrs or {})) as pages:
+        for _ in _in_order(pages.tap(predictions), source.n_slices):
+            pass  # the pages are written as the items pass
+    return Path(path)
 
 
 class _UncertaintyPages:
