@@ -15,6 +15,8 @@ The pretraining is a job of the resumable engine (util.resumable). Files:
   state file          the whole training state every `checkpoint_every` steps and on Ctrl-C /
                       SIGTERM (default <out>.state.pt); a run started again continues from it
                       and ends with the same weights. Removed at the end.
+  .<out>.lock         while training (util.folder_lock): a second run onto <out> is refused.
+A run with other params leaves a finished .pth and sidecar in place until it writes its own.
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ from xctsam.pretrain.prompts import mask_box, mask_point, sample_prompts
 from xctsam.pretrain.shapes import ShapeImage, make_image
 from xctsam.train.checkpoint import capture_rng, restore_rng, seed_everything
 from xctsam.train.optimisation import Optimised, choose_precision
-from xctsam.train.runtime import deterministic_on_cpu, start_runtime
+from xctsam.train.runtime import deterministic_on_cpu, process_rank, start_runtime
 from xctsam.train.trainer import lr_factor
 from xctsam.util.errors import ConfigError
+from xctsam.util.folder_lock import folder_lock
 from xctsam.util.hashing import file_sha256, fingerprint
 from xctsam.util.jsonfile import write_json
 from xctsam.util.optim import adamw
@@ -296,12 +299,14 @@ def pretrain_sam(
     def result(steps: int, completed: bool, summary: dict[str, Any]) -> PretrainResult:
         return PretrainResult(checkpoint, sidecar_path(checkpoint), steps, completed, summary)
 
-    if (done := engine.finished(lambda: finished(checkpoint, training_id), checkpoint)) is not None:
-        return result(done["steps"], True, done)
-    runtime = start_runtime(device)
-    with deterministic_on_cpu(runtime.device), _mlflow_run(params.pretrain, params.sam, log_mlflow) as (run_id, log_metrics):
-        seed_everything(config.seed)
-        trainer = Trainer.create(build_sam(sam_config), config, runtime.device)
-        job = PretrainJob(trainer, config, sam_config, checkpoint, training_id, run_id, log_metrics)
-        outcome, summary = engine.run(job, engine.restore(job, engine.load()), stop_after)
-    return result(outcome.step, outcome.completed, summary or {})
+    # one lock per checkpoint, not per folder: stand-ins of other names may train side by side
+    with folder_lock(checkpoint.parent, f".{checkpoint.name}.lock", enabled=process_rank() == 0):
+        if (done := engine.finished(lambda: finished(checkpoint, training_id), checkpoint)) is not None:
+            return result(done["steps"], True, done)
+        runtime = start_runtime(device)
+        with deterministic_on_cpu(runtime.device), _mlflow_run(params.pretrain, params.sam, log_mlflow) as (run_id, log_metrics):
+            seed_everything(config.seed)
+            trainer = Trainer.create(build_sam(sam_config), config, runtime.device)
+            job = PretrainJob(trainer, config, sam_config, checkpoint, training_id, run_id, log_metrics)
+            outcome, summary = engine.run(job, engine.restore(job, engine.load()), stop_after)
+        return result(outcome.step, outcome.completed, summary or {})

@@ -41,6 +41,7 @@ from xctsam.train.loop import TrainResult, process_rank, train_segmenter
 from xctsam.train.stage import register_result
 from xctsam.train.validation import whole_slice_batches
 from xctsam.util.errors import ConfigError, InputError
+from xctsam.util.folder_lock import folder_lock
 from xctsam.util.hashing import file_sha256
 
 Variant = Literal["sub", "full"]
@@ -100,46 +101,47 @@ def finetune_real(
 
     if variant not in VARIANT_NAMES:
         raise ValueError(f"unknown variant {variant!r} (known: {', '.join(VARIANT_NAMES)})")
-    refs = finetune_slices(params.finetune, params.seed, data_root, variant)
-    check_no_overlap(refs, evaluation_volumes(params.finetune.volumes, params.eval.splits, data_root))
-    model, window, base_meta = load_segmenter(Path(base))
-    if base_meta["kind"] != "sam":
-        raise InputError(
-            base,
-            f"a {base_meta['kind']} model, not SAM-GAN",
-            "give the best.pt of `xctsam train sam`",
+    with folder_lock(out_dir, enabled=process_rank() == 0):  # before the base loads: a second run is refused at once
+        refs = finetune_slices(params.finetune, params.seed, data_root, variant)
+        check_no_overlap(refs, evaluation_volumes(params.finetune.volumes, params.eval.splits, data_root))
+        model, window, base_meta = load_segmenter(Path(base))
+        if base_meta["kind"] != "sam":
+            raise InputError(
+                base,
+                f"a {base_meta['kind']} model, not SAM-GAN",
+                "give the best.pt of `xctsam train sam`",
+            )
+        config = params.train.sam.model_copy(
+            update={"steps": params.finetune.steps, "lr": params.finetune.lr}
         )
-    config = params.train.sam.model_copy(
-        update={"steps": params.finetune.steps, "lr": params.finetune.lr}
-    )
-    meta = _finetune_meta(base_meta, Path(base), variant, refs)
-    sampler = SegmentationTiles(
-        refs, window, config.tile, model.context, config.oversample, params.seed + process_rank()
-    )
-    validation = whole_slice_batches(refs, window, model.context, config.val_slices, params.seed, config.validation_tile)
-    logged = {
-        "finetune": params.finetune.model_dump(mode="json"),
-        "train": config.model_dump(mode="json"),
-        "seed": params.seed,
-        "base": str(base),
-        "variant": variant,
-        "slices": len(refs),
-    }
-    tags = {"model": VARIANT_NAMES[variant]}
-    with sampler, tracking.stage_run(f"finetune_real.{variant}", logged, tags=tags):
-        folders = {split: Path(data_root) / split for split in params.finetune.volumes}
-        tracking.log_data_inputs(folders, "training", dict(params.finetune.volumes))
-        result = train_segmenter(
-            model,
-            sampler,
-            validation,
-            config,
-            out_dir,
-            seed=params.seed,
-            model_meta=meta,
-            resume=resume,
-            log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
-            params_key="finetune",  # its steps and lr come from there
+        meta = _finetune_meta(base_meta, Path(base), variant, refs)
+        sampler = SegmentationTiles(
+            refs, window, config.tile, model.context, config.oversample, params.seed + process_rank()
         )
-        register_result(result, Path(out_dir).name, logged, tags, config.tile)
-        return result
+        validation = whole_slice_batches(refs, window, model.context, config.val_slices, params.seed, config.validation_tile)
+        logged = {
+            "finetune": params.finetune.model_dump(mode="json"),
+            "train": config.model_dump(mode="json"),
+            "seed": params.seed,
+            "base": str(base),
+            "variant": variant,
+            "slices": len(refs),
+        }
+        tags = {"model": VARIANT_NAMES[variant]}
+        with sampler, tracking.stage_run(f"finetune_real.{variant}", logged, tags=tags):
+            folders = {split: Path(data_root) / split for split in params.finetune.volumes}
+            tracking.log_data_inputs(folders, "training", dict(params.finetune.volumes))
+            result = train_segmenter(
+                model,
+                sampler,
+                validation,
+                config,
+                out_dir,
+                seed=params.seed,
+                model_meta=meta,
+                resume=resume,
+                log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
+                params_key="finetune",  # its steps and lr come from there
+            )
+            register_result(result, Path(out_dir).name, logged, tags, config.tile)
+            return result

@@ -18,6 +18,10 @@ shortcut, restore, checkpoints, Ctrl-C). Files in `out_dir` (all written atomica
   best.pt         the best epoch's weights with the model meta (what evaluation loads).
   training.json   the summary, written last: its fingerprint marks the training as done, so
                   a rerun with the same params returns at once.
+  .xctsam.lock    while training (util.folder_lock): a second run into the folder is refused.
+A new training (other params, or --fresh) leaves a finished model where it is until its own
+first best replaces it: training.json goes just before that (it would claim the new weights
+for the old training), and comes back when the new training ends.
 A first Ctrl-C finishes the current step, saves last.pt and stops; a second stops at once (the
 last periodic checkpoint remains).
 
@@ -49,6 +53,7 @@ from xctsam.train.runtime import (
 from xctsam.train.trainer import Trainer
 from xctsam.train.validation import ValidationSource, to_device, validation_scores
 from xctsam.util.finite import check_weights
+from xctsam.util.folder_lock import folder_lock
 from xctsam.util.jsonfile import write_json
 from xctsam.util.resumable import Engine, Job, LossWindow, Outcome, StateFile
 
@@ -223,6 +228,9 @@ class SegmentationJob(Job[None]):
         # an update can overflow the weights while its loss was finite: such weights are no model
         book = self.book
         check_weights(self.name, book.step, self.trainer.model, self.hint)
+        # until this training ends, a summary here is an earlier training's: it must not vouch
+        # for these weights. Removed first, so a crash in between leaves the old model unclaimed.
+        (self.out_dir / SUMMARY).unlink(missing_ok=True)
         facts = {"step": book.step, "val_miou": _best_miou(book), "fingerprint": self.training_id}
         save_segmenter_checkpoint(self.out_dir / BEST, self.trainer.model, self.model_meta, facts)
 
@@ -255,10 +263,11 @@ class SegmentationJob(Job[None]):
 
 
 def _start_fresh(out_dir: Path, runtime: Runtime, seed: int) -> None:
-    """No state of this training: another training's files go, and every random stream is seeded."""
+    """No state of this training: every random stream is seeded. A finished model stays until
+    this training's first best replaces it (SegmentationJob.save_best); another training's
+    resume state goes, as its record of a best would no longer match best.pt."""
     if runtime.is_main:
-        for name in (LAST, BEST, SUMMARY):
-            (out_dir / name).unlink(missing_ok=True)
+        (out_dir / LAST).unlink(missing_ok=True)
     seed_everything(seed + runtime.rank)
 
 
@@ -294,23 +303,25 @@ def train_segmenter(
     propagates, leaving the last periodic checkpoint. The model is moved to the device in place.
     A NaN or infinite loss stops training at once (TrainingDiverged naming the step, its loss
     terms and `params_key`, the params section of `config`); best.pt never holds such weights.
+    Another run into `out_dir` meanwhile is refused (util.folder_lock.FolderBusy).
     """
     out_dir = Path(out_dir)
     own_runtime = runtime is None
     runtime = runtime or start_runtime(device)
     try:
-        training_id = training_fingerprint(config, model_meta, seed, runtime.world_size)
-        engine = Engine(StateFile(out_dir / LAST, STATE_FORMAT, training_id), config.checkpoint_every, log_every, resume=resume, group=runtime)
-        if (done := engine.finished(lambda: finished_result(out_dir, training_id), out_dir)) is not None:
-            return done
-        trainer = Trainer(model, config, runtime)
-        job = SegmentationJob(trainer, sampler, val_batches, config, runtime, out_dir, training_id, dict(model_meta), log_metrics or (lambda metrics, step: None), on_epoch, params_key)
-        state = engine.load()
-        if state is None:
-            _start_fresh(out_dir, runtime, seed)
-        with deterministic_on_cpu(runtime.device):
-            outcome, _ = engine.run(job, engine.restore(job, state), stop_after)
-        return job.result(outcome)
+        with folder_lock(out_dir, enabled=runtime.is_main):  # rank 0 writes the files, so rank 0 holds it
+            training_id = training_fingerprint(config, model_meta, seed, runtime.world_size)
+            engine = Engine(StateFile(out_dir / LAST, STATE_FORMAT, training_id), config.checkpoint_every, log_every, resume=resume, group=runtime)
+            if (done := engine.finished(lambda: finished_result(out_dir, training_id), out_dir)) is not None:
+                return done
+            trainer = Trainer(model, config, runtime)
+            job = SegmentationJob(trainer, sampler, val_batches, config, runtime, out_dir, training_id, dict(model_meta), log_metrics or (lambda metrics, step: None), on_epoch, params_key)
+            state = engine.load()
+            if state is None:
+                _start_fresh(out_dir, runtime, seed)
+            with deterministic_on_cpu(runtime.device):
+                outcome, _ = engine.run(job, engine.restore(job, state), stop_after)
+            return job.result(outcome)
     finally:
         if own_runtime:
             runtime.close()

@@ -16,6 +16,7 @@ from xctsam.models.factory import ModelKind, build_segmenter, model_meta
 from xctsam.train.checkpoint import seed_everything
 from xctsam.train.loop import TrainResult, process_rank, train_segmenter
 from xctsam.train.validation import ValidationSource, whole_slice_batches
+from xctsam.util.folder_lock import folder_lock
 
 
 @dataclass
@@ -70,18 +71,20 @@ def train_model(kind: ModelKind, params: Params, data_root: Path, out_dir: Path,
 
     from xctsam.util import tracking
 
-    job = prepare_training(kind, params, data_root)
-    tags = {"model": kind, **job.meta.get("foundation", {})}
-    with job.sampler, tracking.stage_run(f"train_{kind}", job.logged, tags=tags):
-        mlflow.log_metrics(job.model_counts())
-        split_dirs = {split: Path(data_root) / split for split in job.config.splits}
-        tracking.log_data_inputs(split_dirs, "training", job.meta["data"])
-        result = train_segmenter(
-            job.model, job.sampler, job.validation, job.config, out_dir, seed=params.seed, model_meta=job.meta, resume=resume,
-            log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step), params_key=f"train.{kind}",
-        )
-        register_result(result, Path(out_dir).name, job.logged, tags, job.config.tile)
-        return result
+    # taken before the data are read and an MLflow run starts: a second run is refused at once
+    with folder_lock(out_dir, enabled=process_rank() == 0):
+        job = prepare_training(kind, params, data_root)
+        tags = {"model": kind, **job.meta.get("foundation", {})}
+        with job.sampler, tracking.stage_run(f"train_{kind}", job.logged, tags=tags):
+            mlflow.log_metrics(job.model_counts())
+            split_dirs = {split: Path(data_root) / split for split in job.config.splits}
+            tracking.log_data_inputs(split_dirs, "training", job.meta["data"])
+            result = train_segmenter(
+                job.model, job.sampler, job.validation, job.config, out_dir, seed=params.seed, model_meta=job.meta, resume=resume,
+                log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step), params_key=f"train.{kind}",
+            )
+            register_result(result, Path(out_dir).name, job.logged, tags, job.config.tile)
+            return result
 
 
 def register_result(result: TrainResult, name: str, logged: dict[str, Any], tags: dict[str, str], tile: int) -> None:
