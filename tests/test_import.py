@@ -511,7 +511,7 @@ def tiff_dir_text_file(tmp: Path) -> tuple[list[str], Path]:
 def tiff_dir_label_value_out_of_range(tmp: Path) -> tuple[list[str], Path]:
     _tiff_folder(tmp / "scan")
     labels = _tiff_folder(tmp / "labels")
-    tifffile.imwrite(labels[1], np.full(SLICE, 5, np.uint8))
+    tifffile.imwrite(labels[1], np.full(SLICE, 5, np.uint16))  # the folder's dtype: a mixed one is refused first
     return [str(tmp / "scan"), "--format", "tiff-dir", "--labels", str(tmp / "labels")], labels[1]
 
 

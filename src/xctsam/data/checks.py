@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import psutil
@@ -110,6 +111,14 @@ def check_label_dtype(dtype: np.dtype, source: Path | str) -> None:
     dtype = np.dtype(dtype)
     if dtype.kind not in "biu":
         raise InputError(source, f"labels have dtype {dtype}, not integer", LABEL_REMEDY)
+
+
+class Stored(NamedTuple):
+    """How much of a chunked array's declared shape its file holds (HDF5, zarr)."""
+
+    chunks: int  # chunks with data in the file
+    declared: int  # chunks the declared shape spans
+    skips_fill: bool  # the writer leaves out chunks that equal the fill value (zarr's default)
 
 
 # Decoders (Pillow, tifffile, zlib, numpy, HDF5) report corrupt or truncated files with any of

@@ -10,6 +10,7 @@ last, so bad input (an InputError naming the exact file) leaves the split as it 
 from __future__ import annotations
 
 import json
+import re
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from xctsam.data.checks import check_fits_in_memory, check_real_dtype, nbytes
-from xctsam.data.readers import SliceStack, open_stack, provenance, slab_length
+from xctsam.data.readers import SliceStack, check_stored, open_stack, provenance, slab_length
 from xctsam.data.split_folders import (
     MANIFEST,
     manifest_entry,
@@ -35,6 +36,24 @@ from xctsam.util.atomic import (
 )
 from xctsam.util.errors import InputError
 from xctsam.util.progress import track
+
+# A split folder under the data root: relative names like real/Te-1, each folder a plain name
+# that does not start with a dot (no "..", no hidden folder, no absolute path), so an import
+# writes under --root and nowhere else.
+_SPLIT_PART = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+
+
+def split_folder(root: Path, split: str) -> Path:
+    """`root / split` for a split named like real/Te-1; anything that could leave `root` is an
+    InputError before anything is written."""
+    parts = split.removesuffix("/").split("/")
+    if not all(_SPLIT_PART.fullmatch(part) for part in parts):
+        raise InputError(
+            split,
+            "is not a split folder under --root: give folder names of letters, digits, _ . - (not starting with a dot), joined by /",
+            "e.g. --split real/Te-1",
+        )
+    return Path(root, *parts)
 
 
 def _volume_name(source: Path, name: str | None) -> str:
@@ -175,6 +194,7 @@ def import_volume(
             check_real_dtype(label_stack.dtype, Path(labels), "labels")
             check_same_shape(image.shape, label_stack.shape, Path(labels))
         _check_copy_memory(image, label_stack)
+        check_stored(image, source)  # slices that fit, but that the file does not hold
         attrs = _volume_attrs(source, fmt, path, image.dtype, labels, voxel_size_mm)
         with atomic_path(path) as staged_volume:
             with VolumeWriter(staged_volume, image.shape, labelled=label_stack is not None, attrs=attrs, atomic=False) as out:

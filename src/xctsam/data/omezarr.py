@@ -16,6 +16,7 @@ image-label writers); zarr does the pixel I/O, by chunk.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -31,7 +32,7 @@ from zarr.codecs import BloscCodec
 from zarr.storage import LocalStore
 
 from xctsam import CLASS_NAMES, NUM_CLASSES
-from xctsam.data.checks import DECODE_ERRORS, require_exists
+from xctsam.data.checks import DECODE_ERRORS, Stored, require_exists
 from xctsam.util.atomic import atomic_dir
 from xctsam.util.errors import InputError
 
@@ -40,6 +41,8 @@ SPATIAL = ("z", "y", "x")
 _ZARR_ERRORS = (*DECODE_ERRORS, TypeError)
 # Malformed NGFF metadata (a missing key, a list where a dict belongs) surfaces as one of these.
 _METADATA_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError)
+# Files of an array's folder that are metadata, not chunks (zarr v3, then v2).
+_METADATA_FILES = frozenset({"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"})
 _REPLACE = "replace it with a good copy"
 
 # 16 x 256 x 256 = 1 Mi voxels per chunk (1 MiB of labels, 2 MiB of uint16 grey before
@@ -66,6 +69,7 @@ class OmeZarrStack:
         node = _open_zarr(self.path)
         array, axes = _bare(self.path, node) if isinstance(node, zarr.Array) else _level0(self.path, node)
         _check_axes(self.path, axes, array.shape)
+        _check_chunks(self.path, array)
         self._array = array
         self._axes = axes
         self.shape: tuple[int, int, int] = tuple(array.shape[axes.index(a)] for a in SPATIAL)
@@ -85,6 +89,26 @@ class OmeZarrStack:
 
     def file_of(self, z: int) -> Path:
         return self.path
+
+    def stored(self) -> Stored:
+        """Whether the array's folder holds any chunk. zarr leaves out chunks equal to the fill
+        value, so fewer than declared is normal; the count stops at the first chunk found
+        (0 or 1), sparing a walk over every chunk file of a large scan."""
+        grid = self._array.shards or self._array.chunks  # a shard is one stored object
+        declared = 1
+        for size, chunk in zip(self._array.shape, grid):
+            declared *= -(-size // chunk)
+        folder = self.path / self._array.path
+        found = any(name not in _METADATA_FILES for _, _, names in os.walk(folder) for name in names)
+        return Stored(int(found), declared, skips_fill=True)
+
+
+def _check_chunks(path: Path, array: zarr.Array) -> None:
+    """A chunk dimension of 0 (a hand-edited or corrupt zarr.json/.zarray) would divide by zero
+    on the first read; refuse it when the array is opened."""
+    chunks = tuple(array.shards or array.chunks)
+    if min(chunks, default=1) < 1:
+        raise InputError(path, f"zarr array of shape {array.shape} has chunk shape {chunks}: a dimension of 0", _REPLACE)
 
 
 def _open_zarr(path: Path) -> zarr.Array | zarr.Group:
@@ -115,17 +139,21 @@ def _level0(path: Path, group: zarr.Group) -> tuple[zarr.Array, list[str]]:
     # Telling ome-zarr-py the format the zarr version implies spares its "version mismatch"
     # warning for NGFF 0.4 files; it still detects the exact version from the metadata.
     guess: Format = FormatV04() if group.metadata.zarr_format == 2 else FormatV05()
-    try:
-        location = parse_url(path, fmt=guess)
-        attrs = location.root_attrs if location is not None else {}
-    except _ZARR_ERRORS as exc:
-        raise InputError(path, f"unreadable OME-Zarr metadata: {exc}", _REPLACE) from None
-    if not attrs.get("multiscales"):
+    multiscales = _raw_multiscales(group)
+    if not multiscales:
         raise InputError(
             path,
             "zarr group without OME-NGFF multiscales metadata (a plate, a labels folder?)",
             "give an OME-Zarr image (or its labels/<name> image) or a 3-D zarr array",
         )
+    problem = _multiscales_problem(multiscales)
+    if problem:  # before ome-zarr-py, which fails on these with an AttributeError
+        raise InputError(path, f"malformed OME-NGFF multiscales metadata: {problem}", _REPLACE)
+    try:
+        location = parse_url(path, fmt=guess)
+        attrs = location.root_attrs if location is not None else {}
+    except _METADATA_ERRORS as exc:
+        raise InputError(path, f"unreadable OME-Zarr metadata: {exc}", _REPLACE) from None
     try:
         multiscale = attrs["multiscales"][0]
         level_path = multiscale["datasets"][0]["path"]
@@ -136,6 +164,32 @@ def _level0(path: Path, group: zarr.Group) -> tuple[zarr.Array, list[str]]:
     if not isinstance(array, zarr.Array):
         raise InputError(path, f"multiscales dataset {level_path!r} is not an array", _REPLACE)
     return array, axes
+
+
+def _raw_multiscales(group: zarr.Group) -> Any:
+    """`multiscales` as the group stores it: under `ome` (NGFF 0.5), else at the top (0.4)."""
+    attrs = group.attrs.asdict()
+    ome = attrs.get("ome")
+    return (ome if isinstance(ome, dict) else attrs).get("multiscales")
+
+
+def _multiscales_problem(multiscales: Any) -> str | None:
+    """What is wrong with the JSON types of the parts xctsam reads (None if nothing): the
+    first image's first dataset path and its axes."""
+    if not isinstance(multiscales, list):
+        return f"multiscales is {json.dumps(multiscales)[:80]}, not a list of images"
+    image = multiscales[0]
+    if not isinstance(image, dict):
+        return f"multiscales[0] is {json.dumps(image)[:80]}, not an image's metadata"
+    datasets = image.get("datasets")
+    if not isinstance(datasets, list) or not datasets or not isinstance(datasets[0], dict):
+        return f"multiscales[0].datasets is {json.dumps(datasets)[:80]}, not a list of levels"
+    if not isinstance(datasets[0].get("path"), str):
+        return f"multiscales[0].datasets[0] has path {json.dumps(datasets[0].get('path'))[:80]}, not a string"
+    axes = image.get("axes")
+    if axes is not None and not isinstance(axes, list):
+        return f"multiscales[0].axes is {json.dumps(axes)[:80]}, not a list of axes"
+    return None
 
 
 def _axis_names(axes: Any, fmt: Format) -> list[str]:

@@ -21,7 +21,7 @@ import numpy as np
 import tifffile
 
 from xctsam import __version__
-from xctsam.data.checks import DECODE_ERRORS, require_exists
+from xctsam.data.checks import DECODE_ERRORS, Stored, require_exists
 from xctsam.util.errors import InputError
 
 VOLUME_FORMATS = ("tiff-dir", "tiff", "hdf5", "npy", "zarr")
@@ -63,6 +63,11 @@ class SliceStack(Protocol):
 
     def file_of(self, z: int) -> Path: ...
 
+    def stored(self) -> Stored | None:
+        """Chunks stored against chunks declared; None where every voxel is in the file
+        (TIFF, NPY: a short file fails to decode) or its storage cannot be counted."""
+        ...
+
 
 def unreadable_tiff(path: Path, exc: BaseException) -> InputError:
     return InputError(path, f"unreadable TIFF (corrupt or truncated?): {exc}", "replace the file with a good copy")
@@ -71,8 +76,10 @@ def unreadable_tiff(path: Path, exc: BaseException) -> InputError:
 class _TiffFolder:
     """A folder of single-slice TIFFs in natural name order (slice_2 before slice_10).
 
-    Each file's header is checked (one grey slice of the first file's size) before its pixels
-    are decoded, so a file claiming a huge size is refused instead of allocated.
+    Every file's header is checked when the folder is opened (one grey slice of the first
+    file's size and dtype), before any pixel is decoded: a file claiming a huge size is refused
+    instead of allocated, and a slice of another dtype (uint16 among uint8 slices) before it
+    would be stored silently wrong, and before any work on the slices ahead of it.
     """
 
     reads_whole = False
@@ -94,6 +101,9 @@ class _TiffFolder:
             first = self._slice_series(self.files[0], tif)
             self.shape = (len(self.files), *first.shape)
             self.dtype = first.dtype
+        for path in self.files[1:]:  # headers only: about 0.4 ms a file
+            with self._open(path) as tif:
+                self._check_like_first(path, self._slice_series(path, tif))
 
     @staticmethod
     def _open(path: Path) -> tifffile.TiffFile:
@@ -117,15 +127,27 @@ class _TiffFolder:
             )
         return series
 
+    def _check_like_first(self, path: Path, series: tifffile.TiffPageSeries) -> None:
+        """One size and one dtype for every slice: a uint16 slice among uint8 ones would be cast
+        to the first slice's range and come out silently wrong."""
+        first = self.files[0].name
+        if tuple(series.shape) != self.shape[1:]:
+            raise InputError(
+                path,
+                f"slice size {tuple(series.shape)} differs from the first slice's {self.shape[1:]} ({first})",
+                "all slices of a volume must have one size",
+            )
+        if series.dtype != self.dtype:
+            raise InputError(
+                path,
+                f"slice dtype {series.dtype} differs from the first slice's {self.dtype} ({first})",
+                "save every slice of a volume with one dtype",
+            )
+
     def _read_file(self, path: Path) -> np.ndarray:
         with self._open(path) as tif:
             series = self._slice_series(path, tif)
-            if tuple(series.shape) != self.shape[1:]:
-                raise InputError(
-                    path,
-                    f"slice size {tuple(series.shape)} differs from the first slice's {self.shape[1:]} ({self.files[0].name})",
-                    "all slices of a volume must have one size",
-                )
+            self._check_like_first(path, series)  # again: the file may have changed since
             try:
                 return series.asarray()
             except DECODE_ERRORS as exc:
@@ -136,6 +158,9 @@ class _TiffFolder:
 
     def file_of(self, z: int) -> Path:
         return self.files[z]
+
+    def stored(self) -> Stored | None:
+        return None  # every voxel is in the file: a short one fails to decode
 
 
 def _grey_stack_shape(path: Path, series: tifffile.TiffPageSeries) -> tuple[int, int, int]:
@@ -201,6 +226,9 @@ class _MultiPageTiff:
     def file_of(self, z: int) -> Path:
         return self.path
 
+    def stored(self) -> Stored | None:
+        return None  # every voxel is in the file: a short one fails to decode
+
 
 class _Hdf5Dataset:
     """A 3-D dataset inside an HDF5 file, read by slabs."""
@@ -247,6 +275,19 @@ class _Hdf5Dataset:
     def file_of(self, z: int) -> Path:
         return self.path
 
+    def stored(self) -> Stored | None:
+        """HDF5 allocates a chunk (a contiguous dataset: its one block) on its first write, so
+        any chunk missing was never written; its voxels read as the fill value."""
+        node = self._dataset
+        if node.is_virtual or node.external or node.id.get_create_plist().get_layout() == h5py.h5d.COMPACT:
+            return None  # stored elsewhere, or inside the header itself
+        if node.chunks is None:
+            return Stored(int(node.id.get_storage_size() > 0), 1, skips_fill=False)
+        declared = 1
+        for size, chunk in zip(node.shape, node.chunks):
+            declared *= -(-size // chunk)
+        return Stored(node.id.get_num_chunks(), declared, skips_fill=False)
+
 
 def _hdf5_datasets(file: h5py.File) -> list[str]:
     names: list[str] = []
@@ -287,10 +328,50 @@ class _NpyArray:
     def file_of(self, z: int) -> Path:
         return self.path
 
+    def stored(self) -> Stored | None:
+        return None  # every voxel is in the file: a short one fails to decode
+
+
+def check_stored(stack: SliceStack, path: Path) -> None:
+    """Refuse a grey scan whose declared shape its file does not hold: a 1400-byte HDF5 file can
+    declare 1e8 slices, all fill value, and prediction would run for weeks on nothing.
+
+    Images only: a zarr writer leaves out chunks equal to the fill value, so an all-background
+    labels image legitimately stores none; a grey scan storing none is one constant value.
+    """
+    stored = stack.stored()
+    if stored is None or stored.chunks >= stored.declared or (stored.skips_fill and stored.chunks):
+        return
+    z, y, x = stack.shape
+    held, unread = ("none", "every voxel") if stored.chunks == 0 else (f"only {stored.chunks}", "the others")
+    raise InputError(
+        path,
+        f"declares {z} slices of {y} x {x} voxels but stores {held} of their {stored.declared} chunks"
+        f" ({unread} would read as the fill value, not as data)",
+        "the scan was not written completely (or is one constant value): export it again",
+    )
+
+
+def _check_not_empty(stack: SliceStack, path: Path) -> None:
+    """Refuse a volume with no voxel (0 slices, or slices 0 pixels high or wide): nothing to
+    predict or import, and every writer needs at least one."""
+    if min(stack.shape) < 1:
+        z, y, x = stack.shape
+        raise InputError(
+            path,
+            f"holds an empty volume of {z} slices of {y} x {x} voxels",
+            "give a volume with at least one slice of at least 1 x 1 voxels",
+        )
+
 
 def open_stack(path: Path, fmt: str, dataset: str, stack: ExitStack) -> SliceStack:
-    """Open `path` as a slice stack of format `fmt`; files it opens are closed by `stack`."""
-    path = Path(path)
+    """Open `path` as a non-empty slice stack of format `fmt`; files it opens are closed by `stack`."""
+    source = _open_stack(Path(path), fmt, dataset, stack)
+    _check_not_empty(source, Path(path))
+    return source
+
+
+def _open_stack(path: Path, fmt: str, dataset: str, stack: ExitStack) -> SliceStack:
     if fmt == "tiff-dir":
         return _TiffFolder(path)
     if fmt == "tiff":

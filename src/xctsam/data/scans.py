@@ -24,6 +24,7 @@ import tifffile
 from xctsam.data.checks import DECODE_ERRORS, check_finite, check_real_dtype
 from xctsam.data.readers import (
     VOLUME_FORMATS,
+    check_stored,
     natural_key,
     open_stack,
     visible_entries,
@@ -123,6 +124,11 @@ class Scan:
 
     def close(self) -> None:
         self._files.close()
+
+    def check_stored(self) -> None:
+        """Refuse a grey scan whose file does not store the slices it declares (readers.check_stored);
+        not done on opening, because a labels image may legitimately store no chunk."""
+        check_stored(self._stack, self.path)
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -84,8 +84,21 @@ def context_indices(n_slices: int, context: int) -> np.ndarray:
     numpy's own 'reflect' padding of the index range defines the mirroring (z=-1 -> z=1, and
     repeatedly for contexts wider than the volume).
     """
-    # one mirroring rule for training tiles and inference: data.tiles.context_indices
-    return np.stack([tile_context(z, n_slices, context) for z in range(n_slices)])
+    return np.stack([slice_context(z, n_slices, context) for z in range(n_slices)])
+
+
+def slice_context(z: int, n_slices: int, context: int) -> np.ndarray:
+    """The `context` source slices of slice z, mirrored at the ends; work and memory O(context).
+
+    One mirroring rule for training tiles and inference (data.tiles.context_indices), applied
+    to the slices within `context` of z only: that helper pads the whole index range and
+    returns a view of it, so holding every slice's indices kept depth padded copies alive (a
+    scan declaring 1e8 slices grew by 0.4 GB/s before its first tile). A mirror reaches at most
+    `context // 2` past an end, so a window of `context` either side mirrors exactly as the
+    whole volume does.
+    """
+    low, high = max(0, z - context), min(n_slices, z + context + 1)
+    return low + tile_context(z - low, high - low, context)
 
 
 # ---------------------------------------------------------------- streaming inputs
@@ -121,7 +134,6 @@ class _NormalisedSlices:
 def _context_stacks(volume: GreySource, window: IntensityWindow, context: int, transform: SliceTransform | None, progress: bool, only: list[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """(z, (context, Y, X) float32) per slice in order (or per slice of `only`); context + 1
     slices held at a time."""
-    indices = context_indices(volume.n_slices, context)
     # Stacks of consecutive slices share all but one source slice; one spare entry means a
     # slice is never read twice, including the mirrored neighbours at the ends.
     slices = _NormalisedSlices(volume, window, transform, keep=context + 1)
@@ -129,7 +141,7 @@ def _context_stacks(volume: GreySource, window: IntensityWindow, context: int, t
     if progress:
         zs = track(zs, f"predict {volume.path.name}", total=len(zs))
     for z in zs:
-        yield z, np.stack([slices[int(source)] for source in indices[z]])
+        yield z, np.stack([slices[int(source)] for source in slice_context(z, volume.n_slices, context)])
 
 
 # ---------------------------------------------------------------- blending
@@ -217,9 +229,12 @@ def working_memory(shape: tuple[int, int, int], context: int, tile: int) -> int:
 
 
 def check_prediction_memory(source: GreySource, context: int, tile: int) -> None:
-    """Slice sizes come from the file's header: refuse what cannot fit before allocating it."""
+    """Sizes come from the file's header: refuse a scan whose file does not hold the slices it
+    declares (a tiny file claiming 1e8 slices) and slices that cannot fit, before allocating."""
     needed = working_memory(source.shape, context, tile)
     check_fits_in_memory(source.path, needed, f"predicting slices of {source.shape[1]} x {source.shape[2]} voxels")
+    if isinstance(source, Scan):  # slices that fit, but that the file does not hold
+        source.check_stored()
 
 
 def predict_volume(
