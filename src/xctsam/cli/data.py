@@ -68,9 +68,14 @@ def data_import(
     else:
         if split is None:
             raise typer.BadParameter("give --split (e.g. real/Te-1) for a single-volume import", param_hint="--split")
+        if voxel_size_mm is not None:  # recorded with the volume, used for sizes in mm later
+            from xctsam.config.base import voxel_size_problem
+
+            if problem := voxel_size_problem(voxel_size_mm):
+                raise typer.BadParameter(problem, param_hint="--voxel-size-mm")
         written = [
             importers.import_volume(
-                source, format, root / split, name=name, labels=labels, dataset=dataset,
+                source, format, importers.split_folder(root, split), name=name, labels=labels, dataset=dataset,
                 label_dataset=label_dataset, voxel_size_mm=voxel_size_mm,
             )
         ]

@@ -47,8 +47,11 @@ def predict(
     fmt = FORMATS_BY_SUFFIX.get(f".{out_format}".lower()) if out_format is not None else None
     if out_format is not None and fmt is None:
         raise typer.BadParameter(f"{out_format!r} is not tif, h5 or zarr", param_hint="--out-format")
-    if voxel_size is not None and not voxel_size > 0:
-        raise typer.BadParameter(f"{voxel_size} is not a positive size in mm", param_hint="--voxel-size")
+    if voxel_size is not None:  # inf, NaN or 1e300 would end in a report of inf/NaN/0 volumes
+        from xctsam.config.base import voxel_size_problem
+
+        if problem := voxel_size_problem(voxel_size):
+            raise typer.BadParameter(problem, param_hint="--voxel-size")
     try:
         share = parse_shard(shard) if shard is not None else shard_from_env()
     except ValueError as exc:
@@ -81,6 +84,10 @@ def export(
 
     if out.exists():
         raise typer.BadParameter(f"{out} exists; choose another name or delete it", param_hint="--out")
+    from xctsam.config.eval import MAX_TILE
+
+    if tile is not None and tile > MAX_TILE:  # predict.tile's own bound: the graph runs at this tile
+        raise typer.BadParameter(f"{tile} is more than {MAX_TILE} pixels, wider than any XCT slice (params predict.tile's bound)", param_hint="--tile")
     segmenter, window, meta = load_model(model)
     predict_config = load_params(params).predict
     print(export_onnx(segmenter, window, meta, out, tile or predict_config.tile, predict_config.temperature))

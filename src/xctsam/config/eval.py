@@ -5,14 +5,25 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from xctsam.config.base import Float, Int, NonNegativeFloat, PositiveFloat, StrictModel
 
-
 # ---------------------------------------------------------------- inference and evaluation
+# Upper bounds of sizes that are allocated whole: past them a params typo (1e8 for 8) asks for
+# terabytes, and the run grows until the kernel kills it instead of stopping with a message.
+# Slices larger than a tile are cut into more tiles and smaller ones mirror-padded up to it,
+# so a tile wider than most detectors' 4096 pixels only adds padding, computed all the same
+# (one float32 plane of a 4096 tile is 64 MiB).
+MAX_TILE = 4096
+# Pixels of a batch of tiles (batch x tile^2): 2^27 is 128 SAM tiles of 1024^2, or 8 tiles of
+# 4096^2. Such a batch's inputs and class probabilities (context + 4 float32 planes a pixel) are
+# about 5 GiB at context 5, the most a GPU of 24 GB holds beside a SAM and its activations.
+MAX_BATCH_PIXELS = 2**27
+
+
 class PredictConfig(StrictModel):
-    tile: Annotated[Int, Field(ge=16)] = 128
+    tile: Annotated[Int, Field(ge=16, le=MAX_TILE)] = 128
     overlap: Annotated[Float, Field(ge=0, lt=1)] = 0.25  # of the tile, blended with a Gaussian window
     batch: Annotated[Int, Field(ge=1)] = 8
     # flips: test-time augmentation, every tile also predicted mirrored in x, in y and in both and
@@ -26,6 +37,18 @@ class PredictConfig(StrictModel):
     # calibrate` fits it on validation slices); 1 = as trained, labels by argmax unchanged
     temperature: PositiveFloat = 1.0
 
+    @field_validator("batch")
+    @classmethod
+    def _batch_fits(cls, batch: int, info: ValidationInfo) -> int:
+        tile = info.data.get("tile")  # absent when tile itself was refused
+        if tile is not None and batch * tile**2 > MAX_BATCH_PIXELS:
+            raise ValueError(
+                f"{batch} tiles of {tile} x {tile} are {batch * tile**2} pixels a batch"
+                f" ({_gib(batch * tile**2 * 4)} per float32 plane), more than {MAX_BATCH_PIXELS} (2^27);"
+                " lower predict.batch or predict.tile"
+            )
+        return batch
+
     @field_validator("planes")
     @classmethod
     def _planes_distinct(cls, planes: list[str]) -> list[str]:
@@ -37,7 +60,10 @@ class PredictConfig(StrictModel):
 class BootstrapConfig(StrictModel):
     """95% percentile intervals of IoU by resampling slices' confusion counts (eval.bootstrap)."""
 
-    resamples: Annotated[Int, Field(ge=1)] = 1000
+    # Percentile intervals settle within a few thousand resamples (Efron & Tibshirani advise
+    # 1000-2000); each resample holds an int64 weight per slice (bootstrap_weights), so the
+    # bound, 1e5 resamples of the study's ~600 test slices, already takes 0.5 GB.
+    resamples: Annotated[Int, Field(ge=1, le=100_000)] = 1000
     # volume: whole volumes with replacement; slice: slices within each volume; auto: volumes
     # from min_volumes volumes per split on (fewer make a poor bootstrap population)
     unit: Literal["auto", "volume", "slice"] = "auto"
@@ -64,6 +90,17 @@ class RobustnessConfig(StrictModel):
 
 
 # ---------------------------------------------------------------- FID
+# Every crop of a split leaves a feature vector in memory (2048 float32 with Inception, the
+# largest backbone): 1e5 crops are 0.8 GB a split, and the distances' statistics settle long
+# before (FID is usually reported from 1e4-5e4 samples).
+MAX_FID_CROPS = 100_000
+FEATURE_BYTES = 2048 * 4
+
+
+def _gib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:,.1f} GiB"
+
+
 class FidConfig(StrictModel):
     """Frechet distance of each test split (and named pairs) to the training set."""
 
@@ -75,6 +112,7 @@ class FidConfig(StrictModel):
     # Each sampled slice gives `crops_per_slice` crops (crop_fraction of its height and width)
     # at seeded positions: more samples per volume where volumes are few. 1 and 1.0: the whole
     # slice, once.
+    # Crops a split (samples x crops_per_slice) are bounded by MAX_FID_CROPS.
     crops_per_slice: Annotated[Int, Field(ge=1)] = 1
     crop_fraction: Annotated[Float, Field(gt=0, le=1)] = 1.0
     batch: Annotated[Int, Field(ge=1)] = 25
@@ -88,6 +126,18 @@ class FidConfig(StrictModel):
     # grey values mapped to [0, 1] for every split; null: robust window of the reference split.
     # Imported 8-bit scans compare best on their full range, [0, 255].
     window: tuple[Float, Float] | None = None
+
+    @field_validator("crops_per_slice")
+    @classmethod
+    def _crops_fit(cls, crops: int, info: ValidationInfo) -> int:
+        samples = info.data.get("samples")  # absent when samples itself was refused
+        if samples is not None and samples * crops > MAX_FID_CROPS:
+            raise ValueError(
+                f"{samples} samples x {crops} crops are {samples * crops} crops a split"
+                f" ({_gib(samples * crops * FEATURE_BYTES)} of features), more than {MAX_FID_CROPS};"
+                " lower fid.crops_per_slice or fid.samples"
+            )
+        return crops
 
     @model_validator(mode="after")
     def _window_increasing(self) -> FidConfig:
