@@ -26,12 +26,14 @@ TrainSplitOption = Annotated[
 
 def _train(kind: str, params: Path, root: Path, out: Path | None, seed: int | None, fresh: bool, splits: list[str] | None = None) -> None:
     from xctsam.config.params import load_params
+    from xctsam.models.registry import splits_variant
     from xctsam.train.stage import train_model, with_train_splits
 
     config = _with_seed(load_params(params), seed)
     if splits:
         config = with_train_splits(config, kind, splits)
-    result = train_model(kind, config, root, out or Path("models") / kind, resume=not fresh)
+    variant = splits_variant(splits) if splits else None  # the ablation on synthetic/Tr-sim: xctsam-sam-sim
+    result = train_model(kind, config, root, out or Path("models") / kind, resume=not fresh, variant=variant)
     print(f"{kind}: {result.steps} steps, best validation mIoU {result.best_val_miou:.4f} at step {result.best_step} -> {result.checkpoint}")
 
 

@@ -37,6 +37,7 @@ from xctsam.eval.holdout import (
     evaluation_volumes,
     finetune_volume_paths,
 )
+from xctsam.models.registry import registered_name
 from xctsam.train.loop import TrainResult, process_rank, train_segmenter
 from xctsam.train.stage import register_result
 from xctsam.train.validation import whole_slice_batches
@@ -143,5 +144,5 @@ def finetune_real(
                 log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
                 params_key="finetune",  # its steps and lr come from there
             )
-            register_result(result, Path(out_dir).name, logged, tags, config.tile)
+            register_result(result, registered_name("sam", f"finetune-{variant}"), logged, tags, config.tile)
             return result

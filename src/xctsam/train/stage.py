@@ -13,6 +13,7 @@ from xctsam.data.split_folders import folders_digest
 from xctsam.data.tiles import SegmentationTiles, validation_slices
 from xctsam.models.base import Segmenter, trainable_parameters
 from xctsam.models.factory import ModelKind, build_segmenter, model_meta
+from xctsam.models.registry import registered_name
 from xctsam.train.checkpoint import seed_everything
 from xctsam.train.loop import TrainResult, process_rank, train_segmenter
 from xctsam.train.validation import ValidationSource, whole_slice_batches
@@ -65,8 +66,9 @@ def prepare_training(kind: ModelKind, params: Params, data_root: Path) -> Prepar
     return Prepared(model, sampler, validation, config, meta, logged)
 
 
-def train_model(kind: ModelKind, params: Params, data_root: Path, out_dir: Path, *, resume: bool = True) -> TrainResult:
-    """Train the `kind` model on params.train.<kind>.splits into out_dir (best.pt, training.json)."""
+def train_model(kind: ModelKind, params: Params, data_root: Path, out_dir: Path, *, resume: bool = True, variant: str | None = None) -> TrainResult:
+    """Train the `kind` model on params.train.<kind>.splits into out_dir (best.pt, training.json),
+    registered as xctsam-<kind>[-<variant>] (the variant: what sets it apart, e.g. its data)."""
     import mlflow
 
     from xctsam.util import tracking
@@ -83,16 +85,16 @@ def train_model(kind: ModelKind, params: Params, data_root: Path, out_dir: Path,
                 job.model, job.sampler, job.validation, job.config, out_dir, seed=params.seed, model_meta=job.meta, resume=resume,
                 log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step), params_key=f"train.{kind}",
             )
-            register_result(result, Path(out_dir).name, job.logged, tags, job.config.tile)
+            register_result(result, registered_name(kind, variant), job.logged, tags, job.config.tile)
             return result
 
 
-def register_result(result: TrainResult, name: str, logged: dict[str, Any], tags: dict[str, str], tile: int) -> None:
-    """A finished training's best model into the active run and the registry as xctsam-<name>
+def register_result(result: TrainResult, registered: str, logged: dict[str, Any], tags: dict[str, str], tile: int) -> None:
+    """A finished training's best model into the active run and the registry as `registered`
     (once, from rank 0: every rank of a DDP run holds the same weights)."""
     from xctsam.models.registry import log_trained_model
     from xctsam.util.tracking import flatten
 
     trained = result.resumed_from < result.steps  # not a training found finished on disk
     if result.completed and trained and process_rank() == 0:
-        log_trained_model(result.checkpoint, name, params=flatten(logged), tags=tags, tile=tile)
+        log_trained_model(result.checkpoint, registered, params=flatten(logged), tags=tags, tile=tile)

@@ -17,7 +17,8 @@ import torch
 
 from xctsam.util.errors import InputError
 
-_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
+# torch words the refusal "GLOBAL x was not an allowed global" or "unsupported GLOBAL x whose module y is blocked"
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)")
 
 
 def _unpickling_problem(exc: pickle.UnpicklingError) -> str:
