@@ -13,13 +13,14 @@ from typing import Any
 
 from rich.table import Table
 
-from xctsam.tune.study import DB_NAME, TuneError, storage_label, tune_dir
+from xctsam.tune.study import DB_NAME, TuneError, check_storage_url, storage_label, tune_dir
+from xctsam.util.urls import mask_secrets
 
 
 def read_storage_url(storage: str | None) -> str:
     """The storage to read: `storage`, or the project's SQLite file (unlike resolve_storage_url,
     which makes its folder for a search about to write there)."""
-    return storage or f"sqlite:///{tune_dir() / DB_NAME}"
+    return check_storage_url(storage) if storage else f"sqlite:///{tune_dir() / DB_NAME}"
 
 
 def open_study_storage(storage: str | None) -> Any:
@@ -89,14 +90,8 @@ def _has_optuna_tables(url: str) -> bool:
 
 def _first_line(exc: BaseException, url: str) -> str:
     """The first line of an error, with the URL's password (should a driver echo it) masked."""
-    from sqlalchemy.engine import make_url
-
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    try:
-        password = make_url(url).password
-    except Exception:  # an unparsable URL has no password to hide
-        password = None
-    return text.replace(password, "***") if password else text
+    return mask_secrets(text, url)
 
 
 def load_study(study_name: str, storage: str | None) -> Any:

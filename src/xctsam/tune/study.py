@@ -37,6 +37,7 @@ from xctsam.util import tracking
 from xctsam.util.errors import XctsamError
 from xctsam.util.interrupt import STOPPED, Interrupted, signals_raise
 from xctsam.util.threads import available_cores, claim_cores, split_cores
+from xctsam.util.urls import mask_secrets, redact_url, unescaped_password
 
 log = logging.getLogger(__name__)
 
@@ -55,22 +56,24 @@ def tune_dir(root: Path | None = None) -> Path:
     return tracking.store_dir(root).parent / TUNE_DIR
 
 
+def check_storage_url(url: str) -> str:
+    """`url`, refused in one line when a driver would misread it and echo part of its password."""
+    if unescaped_password(url):
+        raise TuneError(f"storage {storage_label(url)}: its password holds an unescaped @ or /; write them as %40 and %2F")
+    return url
+
+
 def resolve_storage_url(url: str | None, root: Path | None = None) -> str:
     if url:
-        return url
+        return check_storage_url(url)
     folder = tune_dir(root)
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / DB_NAME}"
 
 
 def storage_label(url: str) -> str:
-    """The URL without its password: safe for MLflow tags and messages."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1]
+    """The URL without its password (userinfo or `?password=`): safe for MLflow tags and messages."""
+    return redact_url(url)
 
 
 class RetryDeadTrial:
@@ -107,7 +110,7 @@ def open_storage(url: str, config: TuneConfig) -> Any:
                 grace_period=2 * config.heartbeat_seconds, heartbeat_stale_trial_callback=RetryDeadTrial(config.max_retry),
             )
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = mask_secrets(str(exc).strip().splitlines()[0], url) if str(exc).strip() else type(exc).__name__
         raise TuneError(f"storage {storage_label(url)}: cannot open ({first}); check the URL and that the database server runs") from None
 
 

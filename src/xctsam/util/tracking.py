@@ -16,7 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from xctsam.util.errors import XctsamError
 from xctsam.util.interrupt import STOPPED
+from xctsam.util.urls import redact_url
 
 EXPERIMENT = os.environ.get("XCTSAM_EXPERIMENT", "xctsam")
 STORE_DIR = "mlruns"
@@ -24,6 +26,10 @@ STORE_DIR = "mlruns"
 # an assistant) instead of training runs. These runs are model training.
 KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
+
+
+class TrackingUnavailable(XctsamError):
+    """The tracking server named by MLFLOW_TRACKING_URI does not answer."""
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -55,9 +61,36 @@ def tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
-def configure(root: Path | None = None) -> str:
-    """Point mlflow at the project's store and experiment (created once); returns its id."""
+# A server that does not answer: MLflow's defaults (120 s per request, 7 retries with backoff)
+# leave a command silent for minutes before five chained tracebacks; a user's own settings win.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+PROBE_SECONDS = 5.0
+
+
+def _probe_server(uri: str) -> None:
+    """Refuse at once, in one line, a tracking server that does not answer its /health."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_SECONDS):  # noqa: S310 (http(s) only: checked by the caller)
+            return
+    except urllib.error.HTTPError:
+        return  # something answers (a proxy in front, a /health behind authentication): MLflow will say more
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise TrackingUnavailable(f"MLflow tracking server {redact_url(uri)} does not answer ({reason}); start it, or unset MLFLOW_TRACKING_URI to use the project's own store") from None
+
+
+def connect(root: Path | None = None) -> str:
+    """Point mlflow at the tracking store (the project's, or MLFLOW_TRACKING_URI's server, which
+    must answer within seconds); returns the URI. Creates no experiment: loading a registered
+    model needs none."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    # its download bars on stderr would bury a refusal's one line (and say nothing a user needs)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import logging
 
     import mlflow
@@ -65,7 +98,18 @@ def configure(root: Path | None = None) -> str:
     # "Creating initial MLflow database tables..." on a new store: noise on stderr, where a
     # failing command's one error line must stand alone
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(tracking_uri(root))
+    uri = tracking_uri(root)
+    if uri.split(":", 1)[0].lower() in ("http", "https"):
+        _probe_server(uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def configure(root: Path | None = None) -> str:
+    """Point mlflow at the project's store and experiment (created once); returns its id."""
+    import mlflow
+
+    connect(root)
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
         if experiment.tags.get(KIND_TAG) != MODEL_TRAINING:  # experiments made before the tag
